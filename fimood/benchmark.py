@@ -1,0 +1,107 @@
+"""Engine benchmark: images/s of a plain batched forward+backward vs each per-sample engine, side by side."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fimood.engine import grad_norms
+from fimood.models.glow import Glow, GlowConfig
+
+IMAGE_SHAPES = {"tiny": (1, 28, 28), "small": (1, 28, 28), "paper": (3, 32, 32)}
+ENGINE_METHODS = ("loop", "vmap")
+
+
+@dataclass(frozen=True)
+class BenchmarkRow:
+    preset: str
+    mode: str
+    batch_size: int
+    images_per_second: float  # median over repeats
+    slowdown: float  # median seconds per image / plain's
+    peak_memory_mib: float | None  # CUDA only
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    )
+
+
+def _plain_step(model: Glow, x: torch.Tensor, seeds: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    model.nll(x, seeds).sum().backward()
+
+
+def _time(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float | None]:
+    """Median seconds of `fn` after one warm-up call, and its peak CUDA memory in MiB."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return statistics.median(seconds), peak
+
+
+def run_benchmark(
+    presets: list[str], methods: list[str], batch_size: int, loop_batch_size: int, repeats: int, device: str = "cpu"
+) -> list[BenchmarkRow]:
+    """Time the plain step and each engine on each preset, same model and data; `loop` may use fewer rows."""
+    target = torch.device(device)
+    rows = []
+    for preset in presets:
+        torch.manual_seed(0)
+        model = Glow(GlowConfig.preset(preset, IMAGE_SHAPES[preset])).to(target)
+        x = torch.rand(batch_size, *IMAGE_SHAPES[preset], device=target)
+        seeds = torch.arange(batch_size, device=target)
+        model.initialize(x)
+        per_image = {}
+        for mode in ["plain", *methods]:
+            n = loop_batch_size if mode == "loop" else batch_size
+            step = (
+                functools.partial(_plain_step, model, x, seeds)
+                if mode == "plain"
+                else functools.partial(grad_norms, model, x[:n], seeds[:n], mode)
+            )
+            seconds, peak = _time(step, target, repeats)
+            per_image[mode] = seconds / n
+            rows.append(
+                BenchmarkRow(
+                    preset=preset,
+                    mode=mode,
+                    batch_size=n,
+                    images_per_second=n / seconds,
+                    slowdown=per_image[mode] / per_image["plain"],
+                    peak_memory_mib=peak,
+                )
+            )
+    return rows
+
+
+def format_rows(rows: list[BenchmarkRow], machine: str) -> str:
+    lines = [
+        f"machine: {machine}",
+        f"{'preset':<8}{'mode':<8}{'batch':>6}{'images/s':>12}{'vs plain':>10}{'peak MiB':>10}",
+    ]
+    for row in rows:
+        peak = f"{row.peak_memory_mib:.0f}" if row.peak_memory_mib is not None else "-"
+        lines.append(
+            f"{row.preset:<8}{row.mode:<8}{row.batch_size:>6}{row.images_per_second:>12.1f}"
+            f"{row.slowdown:>9.1f}x{peak:>10}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The `fimood` command: data, train, fit, score, evaluate, demo, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from fimood.engine import METHODS
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    options = json.loads(text)
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"--storage-options must be a JSON object, got {text!r}")
+    return options
+
+
+def _named_url(text: str) -> tuple[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise argparse.ArgumentTypeError(f"expected NAME=URL, got {text!r}")
+    return name, url
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from fimood.data import load_source
+    from fimood.io import write_image_parquet
+
+    source = load_source(args.source, args.split, args.limit)
+    shards = write_image_parquet(
+        args.out,
+        source.ids,
+        source.images,
+        source.labels,
+        rows_per_shard=args.rows_per_shard,
+        storage_options=args.storage_options,
+    )
+    print(f"wrote {len(source.ids)} rows of {args.source}/{args.split} in {len(shards)} shards to {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from fimood.train import TrainConfig, steps_for_epochs
+    from fimood.workflow import train_checkpoint
+
+    steps = args.steps
+    if args.epochs is not None:
+        from fimood.io import read_parquet_table
+
+        n_rows = read_parquet_table(args.data, args.storage_options).num_rows
+        steps = steps_for_epochs(args.epochs, n_rows, args.batch_size)
+    config = TrainConfig(steps=steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed)
+    summary = train_checkpoint(
+        args.data,
+        args.out,
+        model_type=args.model,
+        preset=args.preset,
+        train_config=config,
+        test_data_url=args.test_data,
+        storage_options=args.storage_options,
+    )
+    test = f", test {summary.test_bits_per_dim:.3f} bits/dim" if summary.test_bits_per_dim is not None else ""
+    print(f"trained {summary.steps} steps: train {summary.final_bits_per_dim:.3f} bits/dim{test}; saved to {args.out}")
+
+
+def cmd_fit(args: argparse.Namespace) -> None:
+    from fimood.detector import DetectorSettings
+    from fimood.workflow import fit_detector
+
+    settings = DetectorSettings(
+        method=args.method,
+        batch_size=args.batch_size,
+        false_positive_rate=args.fpr,
+        calibration_fraction=args.calibration_fraction,
+        group_sizes=tuple(args.group_sizes),
+    )
+    detector = fit_detector(args.model, args.data, settings, limit=args.limit, storage_options=args.storage_options)
+    detector_id = detector.save(args.out, args.storage_options)
+    per_row = detector.by_group[1]
+    print(
+        f"detector {detector_id}: {per_row.stats_.count} fit rows, {len(per_row.calibration_scores_)} calibration "
+        f"rows, {int(per_row.density_.kept_features_.sum())}/{len(detector.feature_names)} features kept, "
+        f"threshold {per_row.threshold_:.2f}; saved to {args.out}"
+    )
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from fimood.workflow import score
+
+    print(score(args.detector, args.data, args.out, storage_options=args.storage_options))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from fimood.evaluate import evaluate, format_table, write_json
+
+    rows = evaluate(
+        args.detector, args.id_data, dict(args.ood_data), limit=args.limit, storage_options=args.storage_options
+    )
+    print(format_table(rows))
+    if args.out:
+        write_json(rows, args.out, storage_options=args.storage_options)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from fimood.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(out=args.out, preset=args.preset, train_steps=args.train_steps, method=args.method))
+    print(result.report())
+    print(f"\n{result.score}; score table under {args.out}/scores/mnist")
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    import torch
+
+    from fimood.benchmark import format_rows, machine_name, run_benchmark
+
+    rows = run_benchmark(args.presets, args.methods, args.batch_size, args.loop_batch_size, args.repeats, args.device)
+    print(format_rows(rows, machine_name(torch.device(args.device))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fimood",
+        description=(
+            "Out-of-distribution scoring with layer-wise gradient norms of deep generative models. "
+            "URLs may be local paths or any fsspec URL (s3://, gs://, memory://, ...)."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, fn) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(fn=fn)
+        sub.add_argument(
+            "--storage-options",
+            type=_storage_options,
+            default=None,
+            help="JSON object passed to fsspec (credentials, endpoint); never logged",
+        )
+        return sub
+
+    data = command("data", "write a bundled demo data set as Parquet shards (id, image PNG, label)", cmd_data)
+    data.add_argument("source", choices=["fashion-mnist", "mnist", "digits"])
+    data.add_argument("--out", required=True, help="output folder URL")
+    data.add_argument("--split", default="test", choices=["train", "test"])
+    data.add_argument("--limit", type=int, default=None, help="keep only the first N rows")
+    data.add_argument("--rows-per-shard", type=int, default=10_000)
+
+    train = command("train", "train a built-in likelihood model on a Parquet image table", cmd_train)
+    train.add_argument("--model", default="glow", choices=["glow"])
+    train.add_argument("--data", required=True, help="training table URL")
+    train.add_argument("--out", required=True, help="checkpoint folder URL")
+    train.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=1500)
+    length.add_argument("--epochs", type=float, default=None)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--test-data", default=None, help="table to report test bits/dim on")
+
+    fit = command("fit", "fit the detector on in-distribution rows the model was not trained on", cmd_fit)
+    fit.add_argument("--model", required=True, help="checkpoint folder URL")
+    fit.add_argument("--data", required=True, help="in-distribution table URL")
+    fit.add_argument("--out", required=True, help="detector folder URL")
+    fit.add_argument("--method", default="auto", choices=METHODS, help="gradient engine")
+    fit.add_argument("--batch-size", type=int, default=64)
+    fit.add_argument("--fpr", type=float, default=0.05, help="false-positive rate that sets the threshold")
+    fit.add_argument("--calibration-fraction", type=float, default=0.2, help="share of rows held out to calibrate")
+    fit.add_argument(
+        "--group-sizes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="also fit the paper's grouped variant for these batch sizes (1 is always needed)",
+    )
+    fit.add_argument("--limit", type=int, default=None)
+
+    score = command("score", "write per-row OOD scores (ood_score, p_value, is_ood, nll, error)", cmd_score)
+    score.add_argument("--detector", required=True, help="detector folder URL")
+    score.add_argument("--data", required=True, help="table to score")
+    score.add_argument("--out", required=True, help="output folder URL")
+
+    evaluate = command("evaluate", "compare the gradient method, Typicality and likelihood", cmd_evaluate)
+    evaluate.add_argument("--detector", required=True)
+    evaluate.add_argument("--id-data", required=True, help="held-out in-distribution table (not the fit rows)")
+    evaluate.add_argument("--ood-data", type=_named_url, nargs="+", required=True, metavar="NAME=URL")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N rows of each table")
+    evaluate.add_argument("--out", default=None, help="write the table as JSON here")
+
+    demo = command("demo", "build demo data, train Glow on FashionMNIST, fit, evaluate vs MNIST and digits", cmd_demo)
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--preset", default="small", choices=["tiny", "small"])
+    demo.add_argument("--train-steps", type=int, default=1500)
+    demo.add_argument("--method", default="auto", choices=METHODS)
+
+    bench = command("benchmark", "images/s of the gradient engines vs a plain forward+backward", cmd_benchmark)
+    bench.add_argument("--presets", nargs="+", default=["small", "paper"], choices=["tiny", "small", "paper"])
+    bench.add_argument("--methods", nargs="+", default=["loop", "vmap", "hooks"], choices=["loop", "vmap", "hooks"])
+    bench.add_argument("--batch-size", type=int, default=64)
+    bench.add_argument("--loop-batch-size", type=int, default=8, help="rows for `loop` (its cost is linear)")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The OOD detector: the paper's density plus calibration, and its saved artifact.
+
+`GradNormDetector` is a scikit-learn-like estimator over (n, L) log-norm features for one group
+size. `Detector` bundles one per group size with the model reference, the Typicality baseline and
+the settings, and saves as a directory: `manifest.json` + `arrays.safetensors` (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from fimood.baselines import TypicalityTest
+from fimood.density import DiagonalGaussian, FeatureStats
+from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ARRAYS_NAME = "arrays.safetensors"
+
+
+class GradNormDetector:
+    """Diagonal-Gaussian density over log gradient norms, with a calibrated threshold.
+
+    Args:
+        false_positive_rate: share of in-distribution rows flagged at the threshold.
+
+    Attributes (after fit): stats_, density_, calibration_scores_ (sorted OOD scores of the
+    calibration rows), threshold_.
+    """
+
+    def __init__(self, *, false_positive_rate: float = 0.05):
+        if not 0.0 < false_positive_rate < 1.0:
+            raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate!r}")
+        self.false_positive_rate = false_positive_rate
+
+    def fit(self, features: np.ndarray, calibration: np.ndarray | None = None) -> GradNormDetector:
+        """Fit on (n, L) features; calibrate on `calibration` (held-out rows), else in-sample."""
+        return self.fit_stats(FeatureStats.from_array(features), features if calibration is None else calibration)
+
+    def fit_stats(self, stats: FeatureStats, calibration: np.ndarray) -> GradNormDetector:
+        """Fit from merged statistics (the distributed path), then calibrate on (m, L) features."""
+        self.stats_ = stats
+        self.density_ = DiagonalGaussian().fit_stats(stats)
+        scores = np.sort(-self.density_.score_samples(calibration))
+        if len(scores) == 0:
+            raise ValueError("calibration needs at least one row")
+        self.calibration_scores_ = scores
+        self.threshold_ = float(np.quantile(scores, 1.0 - self.false_positive_rate, method="higher"))
+        return self
+
+    def score_samples(self, features: np.ndarray) -> np.ndarray:
+        """In-distribution log density Σℓ log N(fℓ; μℓ, σℓ); higher = more typical. Shape (n,)."""
+        self._check_fitted()
+        return self.density_.score_samples(features)
+
+    def ood_score(self, features: np.ndarray) -> np.ndarray:
+        """Negated density; higher = more OOD. Shape (n,)."""
+        return -self.score_samples(features)
+
+    def p_value(self, ood_scores: np.ndarray) -> np.ndarray:
+        """(1 + #calibration rows scoring at least as high) / (1 + #calibration rows): a conformal p-value."""
+        self._check_fitted()
+        at_least = len(self.calibration_scores_) - np.searchsorted(self.calibration_scores_, ood_scores, side="left")
+        return (1.0 + at_least) / (1.0 + len(self.calibration_scores_))
+
+    def predict(self, ood_scores: np.ndarray) -> np.ndarray:
+        """True where a row is OOD at the calibrated threshold. Shape (n,)."""
+        self._check_fitted()
+        return np.asarray(ood_scores) > self.threshold_
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "density_"):
+            raise RuntimeError("this GradNormDetector is not fitted yet; call fit or fit_stats first")
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """How features were computed and the detector fitted; stored in the manifest."""
+
+    method: str = "auto"
+    batch_size: int = 64
+    false_positive_rate: float = 0.05
+    calibration_fraction: float = 0.2
+    group_sizes: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "group_sizes", tuple(int(m) for m in self.group_sizes))
+        if not self.group_sizes or min(self.group_sizes) < 1 or 1 not in self.group_sizes:
+            raise ValueError(f"group_sizes must be positive and include 1 (per-row scores), got {self.group_sizes}")
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass
+class Detector:
+    """Everything needed to score new rows: model reference, features, per-group detectors, baselines."""
+
+    model_uri: str
+    model_sha256: str
+    feature_names: list[str]
+    settings: DetectorSettings
+    by_group: dict[int, GradNormDetector]
+    typicality: TypicalityTest
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def detector_id(self) -> str:
+        """Content hash of the manifest and arrays: same fit, same id."""
+        manifest, arrays = self._serialize()
+        return sha256_hex(manifest, arrays)[:16]
+
+    def save(self, url: str, storage_options: StorageOptions = None) -> str:
+        """Write manifest.json and arrays.safetensors under `url`; returns the detector id."""
+        manifest, arrays = self._serialize()
+        write_bytes(join(url, ARRAYS_NAME), arrays, storage_options)
+        write_bytes(join(url, MANIFEST_NAME), manifest, storage_options)
+        return sha256_hex(manifest, arrays)[:16]
+
+    @classmethod
+    def load(cls, url: str, storage_options: StorageOptions = None) -> Detector:
+        manifest = json.loads(read_bytes(join(url, MANIFEST_NAME), storage_options))
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{url}: format_version must be {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
+        arrays = safetensors.numpy.load(read_bytes(join(url, ARRAYS_NAME), storage_options))
+        settings = DetectorSettings(**manifest["settings"])
+        by_group = {}
+        for size in settings.group_sizes:
+            key = f"group{size}"
+            stats = FeatureStats(
+                count=manifest["groups"][str(size)]["n_fit"],
+                mean=arrays[f"{key}.mean"],
+                m2=arrays[f"{key}.m2"],
+                n_at_floor=arrays[f"{key}.n_at_floor"],
+            )
+            detector = GradNormDetector(false_positive_rate=settings.false_positive_rate)
+            detector.stats_ = stats
+            detector.density_ = DiagonalGaussian().fit_stats(stats)
+            detector.calibration_scores_ = arrays[f"{key}.calibration_scores"]
+            detector.threshold_ = manifest["groups"][str(size)]["threshold"]
+            by_group[size] = detector
+        typicality = TypicalityTest()
+        typicality.entropy_ = manifest["typicality_entropy"]
+        return cls(
+            model_uri=manifest["model"]["uri"],
+            model_sha256=manifest["model"]["sha256"],
+            feature_names=manifest["feature_names"],
+            settings=settings,
+            by_group=by_group,
+            typicality=typicality,
+            extra=manifest.get("extra", {}),
+        )
+
+    def _serialize(self) -> tuple[bytes, bytes]:
+        groups, arrays = {}, {}
+        for size, detector in sorted(self.by_group.items()):
+            key = f"group{size}"
+            arrays[f"{key}.mean"] = detector.stats_.mean
+            arrays[f"{key}.m2"] = detector.stats_.m2
+            arrays[f"{key}.n_at_floor"] = detector.stats_.n_at_floor
+            arrays[f"{key}.calibration_scores"] = detector.calibration_scores_
+            groups[str(size)] = {
+                "n_fit": detector.stats_.count,
+                "n_calibration": len(detector.calibration_scores_),
+                "n_features_kept": int(detector.density_.kept_features_.sum()),
+                "dropped_features": [
+                    name
+                    for name, kept in zip(self.feature_names, detector.density_.kept_features_, strict=True)
+                    if not kept
+                ],
+                "threshold": detector.threshold_,
+            }
+        manifest = {
+            "format": "fimood-detector",
+            "format_version": FORMAT_VERSION,
+            "model": {"uri": self.model_uri, "sha256": self.model_sha256},
+            "feature_names": self.feature_names,
+            "settings": asdict(self.settings),
+            "groups": groups,
+            "typicality_entropy": self.typicality.entropy_,
+            "extra": self.extra,
+        }
+        arrays_bytes = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        return json.dumps(manifest, indent=2, sort_keys=True).encode(), arrays_bytes

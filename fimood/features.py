@@ -1,0 +1,87 @@
+"""From images to the method's features: per-row seeds, batched gradient norms, log-norms and NLL."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fimood.density import LOG_SQ_NORM_FLOOR
+from fimood.engine import grad_norms
+from fimood.models.base import LikelihoodModel
+from fimood.models.grouped import GroupSum
+
+logger = logging.getLogger(__name__)
+
+
+def seeds_from_ids(ids: Sequence[str]) -> np.ndarray:
+    """A stable int64 seed per row id (BLAKE2b), so a row's noise never depends on batch or worker."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little", signed=True) for i in ids],
+        dtype=np.int64,
+    )
+
+
+def log_sq_norms(sq_norms: np.ndarray) -> np.ndarray:
+    """log ‖g‖², clamped at LOG_SQ_NORM_FLOOR instead of -inf (clamped rows are counted by FeatureStats)."""
+    with np.errstate(divide="ignore"):
+        return np.maximum(np.log(np.asarray(sq_norms, dtype=np.float64)), LOG_SQ_NORM_FLOOR)
+
+
+@dataclass
+class Features:
+    """Features of n rows (or n groups of rows)."""
+
+    log_sq_norms: np.ndarray  # (n, L)
+    nll: np.ndarray  # (n,) per row, or each group's mean NLL
+
+
+def to_pixels(images: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """uint8 (B, C, H, W) → float pixels in [0, 1]."""
+    return torch.as_tensor(images, device=device).to(dtype) / 255.0
+
+
+def compute_features(
+    model: LikelihoodModel,
+    images: np.ndarray,
+    seeds: np.ndarray,
+    *,
+    group_size: int = 1,
+    method: str = "auto",
+    batch_size: int = 64,
+    progress: bool | str = False,
+) -> Features:
+    """Features of uint8 images (N, C, H, W), one row per image, or per group of `group_size` images.
+
+    Groups are consecutive rows (the paper's batch-size-M variant: features of the summed loss of M
+    rows); trailing rows that do not fill a group are left out, and the count is logged.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    n_groups = len(images) // group_size
+    if n_groups * group_size < len(images):
+        logger.info("left out %d trailing rows that do not fill a group of %d", len(images) % group_size, group_size)
+    parameter = next(model.parameters())
+    scored = model if group_size == 1 else GroupSum(model)
+    rows_per_batch = max(1, batch_size // group_size)
+    log_norms, nlls = [], []
+    starts = range(0, n_groups, rows_per_batch)
+    for start in tqdm(starts, desc=progress or "features", disable=not progress, unit="batch"):
+        stop = min(start + rows_per_batch, n_groups) * group_size
+        x = to_pixels(images[start * group_size : stop], parameter.dtype, parameter.device)
+        s = torch.as_tensor(seeds[start * group_size : stop], device=parameter.device)
+        if group_size > 1:
+            x, s = x.reshape(-1, group_size, *x.shape[1:]), s.reshape(-1, group_size)
+        result = grad_norms(scored, x, s, method)
+        log_norms.append(log_sq_norms(result.sq_norms.detach().cpu().double().numpy()))
+        nlls.append(result.nll.detach().cpu().double().numpy() / group_size)
+    n_features = sum(1 for p in model.parameters() if p.requires_grad)
+    return Features(
+        log_sq_norms=np.concatenate(log_norms) if log_norms else np.zeros((0, n_features)),
+        nll=np.concatenate(nlls) if nlls else np.zeros(0),
+    )

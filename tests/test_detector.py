@@ -1,0 +1,107 @@
+"""The detector: calibrated threshold and p-values, and a save → load round trip without pickle."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fimood.baselines import TypicalityTest
+from fimood.density import FeatureStats
+from fimood.detector import Detector, DetectorSettings, GradNormDetector
+
+
+def _features(rng, n, shift=0.0):
+    return rng.normal(loc=shift, size=(n, 6)) + np.arange(6)
+
+
+def _detector(rng) -> Detector:
+    by_group = {size: GradNormDetector().fit(_features(rng, 300), _features(rng, 100)) for size in (1, 5)}
+    return Detector(
+        model_uri="memory://model",
+        model_sha256="ab" * 32,
+        feature_names=[f"p{i}" for i in range(6)],
+        settings=DetectorSettings(group_sizes=(1, 5)),
+        by_group=by_group,
+        typicality=TypicalityTest().fit(rng.normal(size=300)),
+    )
+
+
+def test_threshold_flags_the_chosen_share_of_in_distribution_rows():
+    rng = np.random.default_rng(0)
+    detector = GradNormDetector(false_positive_rate=0.1).fit(_features(rng, 2000), _features(rng, 2000))
+    flagged = detector.predict(detector.ood_score(_features(rng, 5000))).mean()
+    assert flagged == pytest.approx(0.1, abs=0.02)
+
+
+def test_p_values_are_calibrated_and_ordered_by_score():
+    rng = np.random.default_rng(1)
+    detector = GradNormDetector().fit(_features(rng, 500), _features(rng, 999))
+    scores = detector.ood_score(_features(rng, 4000))
+    p = detector.p_value(scores)
+    assert (p > 0).all() and (p <= 1).all()
+    assert np.mean(p <= 0.05) == pytest.approx(0.05, abs=0.015)
+    order = np.argsort(scores)
+    assert (np.diff(p[order]) <= 0).all()
+
+
+def test_ood_rows_score_higher_than_in_distribution_rows():
+    rng = np.random.default_rng(2)
+    detector = GradNormDetector().fit(_features(rng, 500))
+    assert detector.ood_score(_features(rng, 200, shift=3.0)).mean() > detector.ood_score(_features(rng, 200)).mean()
+
+
+def test_fit_from_merged_shard_statistics_equals_one_fit():
+    rng = np.random.default_rng(3)
+    fit, calibration = _features(rng, 600), _features(rng, 100)
+    shards = np.array_split(fit, 4)
+    merged = FeatureStats.from_array(shards[0])
+    for shard in shards[1:]:
+        merged = merged.merge(FeatureStats.from_array(shard))
+    one = GradNormDetector().fit(fit, calibration)
+    many = GradNormDetector().fit_stats(merged, calibration)
+    new = _features(rng, 50)
+    np.testing.assert_allclose(many.ood_score(new), one.ood_score(new), rtol=1e-10)
+    assert many.threshold_ == pytest.approx(one.threshold_, rel=1e-10)
+
+
+def test_using_an_unfitted_detector_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        GradNormDetector().ood_score(np.zeros((1, 6)))
+
+
+def test_bad_false_positive_rate_is_refused():
+    with pytest.raises(ValueError, match="false_positive_rate must be in"):
+        GradNormDetector(false_positive_rate=1.5)
+
+
+@pytest.mark.parametrize("root", ["memory://detectors/a", "local"])
+def test_save_load_round_trip_gives_identical_scores(root, tmp_path):
+    url = str(tmp_path / "det") if root == "local" else root
+    rng = np.random.default_rng(4)
+    detector = _detector(rng)
+    detector_id = detector.save(url)
+    loaded = Detector.load(url)
+    new = _features(rng, 20)
+    for size in (1, 5):
+        np.testing.assert_array_equal(loaded.by_group[size].ood_score(new), detector.by_group[size].ood_score(new))
+        np.testing.assert_array_equal(
+            loaded.by_group[size].p_value(new[:, 0]), detector.by_group[size].p_value(new[:, 0])
+        )
+        assert loaded.by_group[size].threshold_ == detector.by_group[size].threshold_
+    assert loaded.typicality.entropy_ == detector.typicality.entropy_
+    assert loaded.detector_id == detector_id == detector.detector_id
+
+
+def test_artifact_is_json_and_safetensors_only(tmp_path):
+    _detector(np.random.default_rng(5)).save(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arrays.safetensors", "manifest.json"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["model"] == {"uri": "memory://model", "sha256": "ab" * 32}
+    assert manifest["groups"]["1"]["n_fit"] == 300 and manifest["groups"]["1"]["n_calibration"] == 100
+    assert manifest["settings"]["group_sizes"] == [1, 5]
+
+
+def test_settings_must_include_per_row_scores():
+    with pytest.raises(ValueError, match="include 1"):
+        DetectorSettings(group_sizes=(5,))
