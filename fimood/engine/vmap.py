@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
@@ -18,6 +21,23 @@ class _NllCall(nn.Module):
 
     def forward(self, x: Tensor, seeds: Tensor | None) -> Tensor:
         return self.model.nll(x, seeds)
+
+
+@contextmanager
+def _tensors_restored(model: nn.Module) -> Iterator[None]:
+    """Put every parameter and buffer object back afterwards: functional_call leaves plain tensors behind
+    when one module is registered under two names (seen with torch 2.13)."""
+    slots = [
+        (table, name, tensor)
+        for module in model.modules()
+        for table in (module._parameters, module._buffers)
+        for name, tensor in table.items()
+    ]
+    try:
+        yield
+    finally:
+        for table, name, tensor in slots:
+            table[name] = tensor
 
 
 def vmap_grad_norms(
@@ -45,5 +65,6 @@ def vmap_grad_norms(
         return torch.stack([grads[f"model.{name}"].pow(2).sum() for name in names]), nll
 
     in_dims = (0, None if seeds is None else 0)
-    sq_norms, nll = vmap(sample_sq_norms, in_dims=in_dims, chunk_size=chunk_size)(x, seeds)
+    with _tensors_restored(model):
+        sq_norms, nll = vmap(sample_sq_norms, in_dims=in_dims, chunk_size=chunk_size)(x, seeds)
     return GradNorms(sq_norms=sq_norms, nll=nll.detach(), names=names)

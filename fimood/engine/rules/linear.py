@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fimood.engine.rules.registry import register_rule, trainable
 
@@ -23,7 +24,7 @@ def weight_sq_norms(activations: Tensor, backprops: Tensor) -> Tensor:
     return per_sample.pow(2).flatten(1).sum(1)
 
 
-@register_rule(nn.Linear)
+@register_rule(nn.Linear, NonDynamicallyQuantizableLinear)
 def linear_sq_norms(layer: nn.Linear, inputs: tuple, outputs: tuple, grad_outputs: tuple) -> dict[str, Tensor]:
     """Weight by `weight_sq_norms` over all positions of the sample; bias as the summed output gradient."""
     x, g = inputs[0], grad_outputs[0]

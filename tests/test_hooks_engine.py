@@ -1,0 +1,170 @@
+"""The hooks engine on whole models: equal to the loop, with exact fallbacks where no rule applies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_rel_close, tiny_glow
+from torch import nn
+
+from fimood.engine import explain, grad_norms
+from fimood.models import Glow, GlowConfig, GroupSum, LikelihoodModel
+
+
+def assert_hooks_equal_loop(model, x, seeds=None):
+    assert_rel_close(grad_norms(model, x, seeds, "hooks").sq_norms, grad_norms(model, x, seeds, "loop").sq_norms)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_hooks_equals_loop_on_glow_presets(preset):
+    torch.manual_seed(0)
+    model = Glow(GlowConfig.preset(preset)).double()
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    model.initialize(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert_hooks_equal_loop(model, x, torch.arange(3))
+    assert all(how.startswith("rule") for how in explain(model, x).values())
+
+
+def test_hooks_equals_loop_on_colour_glow_with_three_levels():
+    model = tiny_glow(image_shape=(3, 8, 8))
+    assert_hooks_equal_loop(model, torch.rand(2, 3, 8, 8, dtype=torch.float64), torch.tensor([4, 5]))
+
+
+def test_a_module_with_no_rule_falls_back_exactly(user_model):
+    x = torch.randn(4, 1, 4, 6, dtype=torch.float64)
+    assert_hooks_equal_loop(user_model, x)
+    how = explain(user_model, x)
+    assert how["shared"] == "vmap fallback: no rule for OddUserModel"
+    assert how["row_linear.weight"] == "rule linear_sq_norms" and how["norm.weight"] == "rule group_norm_sq_norms"
+
+
+class CalledTwice(LikelihoodModel):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def nll(self, x, seeds=None):
+        return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x))))).squeeze(-1) ** 2
+
+
+class TiedWeights(LikelihoodModel):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 3, bias=False)
+        self.decoder = nn.Linear(3, 4, bias=False)
+        self.decoder.weight = nn.Parameter(self.encoder.weight.T.clone())
+        self.encoder_again = self.encoder  # the same module under two names
+
+    def nll(self, x, seeds=None):
+        h = torch.tanh(self.encoder(x))
+        return (self.decoder(h) - x).pow(2).sum(1) + self.encoder_again(x).sum(1)
+
+
+class UsedOutside(LikelihoodModel):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def nll(self, x, seeds=None):
+        h = torch.tanh(self.layer(x))
+        return F.linear(h, self.layer.weight).pow(2).sum(1)  # the weight's second use, outside the module
+
+
+class InPlaceAfter(LikelihoodModel):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 1)
+
+    def nll(self, x, seeds=None):
+        return self.head(self.act(self.layer(x))).squeeze(-1).pow(2)
+
+
+class SelfAttention(LikelihoodModel):
+    """Attention written with Linear projections (as diffusers does) next to torch's MultiheadAttention."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+        self.to_out = nn.Linear(8, 6)
+        self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+
+    def nll(self, x, seeds=None):
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        h = self.to_out(F.scaled_dot_product_attention(q, k, v)) + x
+        h, _ = self.mha(h, h, h)
+        return h.pow(2).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "shape", "expected"),
+    [
+        (CalledTwice, (3, 4), {"layer.weight": "ran 2 times", "head.weight": "rule"}),
+        (TiedWeights, (3, 4), {"encoder.weight": "shared by modules", "decoder.weight": "rule"}),
+        (UsedOutside, (3, 4), {"layer.weight": "used outside", "layer.bias": "rule"}),
+        (InPlaceAfter, (3, 4), {"head.weight": "rule"}),
+        (
+            SelfAttention,
+            (2, 5, 6),
+            {
+                "to_q.weight": "rule",
+                "mha.in_proj_weight": "no rule for MultiheadAttention",
+                "mha.out_proj.weight": "NonDynamicallyQuantizableLinear ran 0 times",
+            },
+        ),
+    ],
+)
+def test_odd_models_are_exact_and_explained(model_type, shape, expected):
+    torch.manual_seed(0)
+    model = model_type().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert_hooks_equal_loop(model, x)
+    how = explain(model, x)
+    for name, text in expected.items():
+        assert text in how[name], (name, how[name])
+
+
+def test_an_output_changed_in_place_falls_back(caplog):
+    torch.manual_seed(0)
+    model = InPlaceAfter().double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with caplog.at_level("DEBUG", logger="fimood.engine.hooks"):
+        assert_hooks_equal_loop(model, x)
+    assert "changed in place" in caplog.text and "layer.weight" in caplog.text
+
+
+def test_grouped_rows_fall_back_to_exact_per_group_norms(glow64):
+    x = torch.rand(2, 3, 1, 8, 8, dtype=torch.float64)
+    seeds = torch.arange(6).reshape(2, 3)
+    grouped = GroupSum(glow64)
+    assert_hooks_equal_loop(grouped, x, seeds)
+    assert all("does not see one row per sample" in how for how in explain(grouped, x, seeds).values())
+
+
+def test_auto_uses_hooks_and_agrees_with_vmap(glow64):
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    assert_rel_close(grad_norms(glow64, x, method="auto").sq_norms, grad_norms(glow64, x, method="vmap").sq_norms)
+
+
+def test_fallback_leaves_the_model_intact():
+    model = TiedWeights().double()
+    before = dict(model.named_parameters(remove_duplicate=False))
+    grad_norms(model, torch.randn(2, 4, dtype=torch.float64), method="hooks")
+    after = dict(model.named_parameters(remove_duplicate=False))
+    assert before.keys() == after.keys() and all(after[name] is p for name, p in before.items())
+
+
+@pytest.mark.slow
+def test_hooks_equals_loop_on_the_paper_preset():
+    torch.manual_seed(0)
+    model = Glow(GlowConfig.preset("paper", (3, 32, 32))).double()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    model.initialize(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert_hooks_equal_loop(model, x, torch.arange(2))
