@@ -8,6 +8,7 @@ from torch import nn
 
 from fimood.engine import explain, grad_norms
 from fimood.models import Glow, GlowConfig, GroupSum, LikelihoodModel
+from fimood.models.glow import ActNorm
 
 
 def assert_hooks_equal_loop(model, x, seeds=None):
@@ -128,13 +129,34 @@ def test_odd_models_are_exact_and_explained(model_type, shape, expected):
         assert text in how[name], (name, how[name])
 
 
-def test_an_output_changed_in_place_falls_back(caplog):
+class InPlaceAfterActNorm(LikelihoodModel):
+    def __init__(self):
+        super().__init__()
+        self.actnorm = ActNorm(3)
+
+    def nll(self, x, seeds=None):
+        y, log_det = self.actnorm(x)
+        y.relu_()  # changes the output the ActNorm rule reads
+        return y.pow(2).flatten(1).sum(1) - log_det
+
+
+def test_a_tensor_a_rule_reads_changed_in_place_falls_back(caplog):
+    torch.manual_seed(0)
+    model = InPlaceAfterActNorm().double()
+    with torch.no_grad():
+        model.actnorm.logs.add_(0.3)
+    x = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    with caplog.at_level("DEBUG", logger="fimood.engine.hooks"):
+        assert_hooks_equal_loop(model, x)
+    assert "changed in place" in caplog.text and "actnorm.logs" in caplog.text
+
+
+def test_an_output_changed_in_place_by_the_next_layer_still_uses_its_rule():
     torch.manual_seed(0)
     model = InPlaceAfter().double()
     x = torch.randn(3, 4, dtype=torch.float64)
-    with caplog.at_level("DEBUG", logger="fimood.engine.hooks"):
-        assert_hooks_equal_loop(model, x)
-    assert "changed in place" in caplog.text and "layer.weight" in caplog.text
+    assert_hooks_equal_loop(model, x)
+    assert explain(model, x)["layer.weight"] == "rule linear_sq_norms"
 
 
 def test_grouped_rows_fall_back_to_exact_per_group_norms(glow64):

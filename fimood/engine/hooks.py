@@ -1,43 +1,70 @@
 """Per-sample, per-tensor squared gradient norms inside one batched backward pass.
 
-Forward hooks record each ruled module's inputs and outputs; one `torch.autograd.grad` call asks
-for the gradients of the summed NLL with respect to those outputs (so no parameter gradient is
-ever materialised); each module's rule turns them into per-sample norms. Parameters no rule can
-cover exactly (no rule for the module, a module run twice, a parameter shared or also used
-outside its module, an output changed in place) go to the vmap engine, and `explain` says why.
+Forward hooks record what each ruled module's rule reads (its inputs or its outputs) and put a
+gradient hook on its outputs. One backward pass runs from the summed NLL down to the input (and
+to the outputs that do not depend on it, such as Glow's log-dets); each rule runs as soon as its
+output gradients are complete, so no parameter gradient is materialised and nothing outlives its
+use. Parameters no rule covers exactly (no rule for the module, a module run twice, a parameter
+shared or also used outside its module, a tensor a rule reads changed in place) go to the vmap
+engine; `explain` says why.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from fimood.engine.result import GradNorms, trainable_parameters
-from fimood.engine.rules import RULES
+from fimood.engine.rules import RULE_READS, RULES
 from fimood.engine.vmap import vmap_grad_norms
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _Call:
-    """One forward call of a ruled module."""
+class _Output:
+    """What the engine remembers of one module output without keeping it alive."""
 
-    inputs: tuple
-    outputs: tuple
-    versions: list[int]  # in-place version counters of the recorded tensors, to detect later changes
-    first_node: int  # autograd nodes created during the call have sequence numbers in [first_node, last_node)
-    last_node: int = -1
+    node: object  # grad_fn
+    index: int  # output_nr
+    requires_grad: bool
+    rows: int | None  # leading dimension, None for a scalar
+    reaches_input: bool
 
 
 @dataclass
-class _Recording:
+class _Call:
+    """One forward call of a ruled module, and the output gradients its rule waits for."""
+
+    inputs: tuple  # kept only when the rule reads inputs
+    outputs: tuple  # each output kept when the rule reads outputs or the output has no path to x, else None
+    meta: list[_Output]
+    n_tensor_inputs: int
+    all_tensors: bool
+    kept_versions: list[tuple[Tensor, int]]  # kept tensors and their in-place version counters
+    first_node: int  # autograd nodes created during the call have sequence numbers in [first_node, last_node]
+    last_node: int
+    module_name: str
+    covered: bool = False
+    grads: dict[int, Tensor] = field(default_factory=dict)
+    pending: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Plan:
     nll: Tensor
-    calls: dict[str, list[_Call]] = field(default_factory=lambda: defaultdict(list))
+    calls: dict[str, _Call]  # covered modules by name, with their single call
+    modules: dict[str, nn.Module]
+    reasons: dict[str, str | None]  # trainable parameter → None (a rule covers it) or why it falls back
+    consumed: set[tuple[object, int]]  # (node, output index) pairs read by some node of the graph
+    handles: list[RemovableHandle]
+    sq_norms: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _next_sequence_number() -> int:
@@ -47,26 +74,88 @@ def _next_sequence_number() -> int:
     return probe.grad_fn._sequence_nr() + 1
 
 
-def _tensors(values: tuple) -> list[Tensor]:
-    return [v for v in values if isinstance(v, Tensor)]
+def _reaches(x: Tensor) -> Callable[[object], bool]:
+    """A memoised test: does the backward pass from this node reach the leaf `x`?"""
+    memo: dict[object, bool] = {}
+
+    def reaches(root: object) -> bool:
+        if root is None:
+            return False
+        stack = [root]
+        while stack:
+            node = stack[-1]
+            if node in memo:
+                stack.pop()
+                continue
+            children = [child for child, _ in node.next_functions if child is not None]
+            unknown = [child for child in children if child not in memo]
+            if unknown:
+                stack.extend(unknown)
+                continue
+            memo[node] = getattr(node, "variable", None) is x or any(memo[child] for child in children)
+            stack.pop()
+        return memo[root]
+
+    return reaches
 
 
-def _record(model: nn.Module, ruled: dict[str, nn.Module], x: Tensor, seeds: Tensor | None) -> _Recording:
-    """Run the forward pass with hooks on every ruled module."""
+def _record(
+    model: nn.Module, ruled: dict[str, nn.Module], x: Tensor, seeds: Tensor | None, sq_norms_sink
+) -> tuple[Tensor, dict[str, list[_Call]], list[RemovableHandle]]:
+    """Run the forward pass with hooks on every ruled module; gradient hooks stay on until removed."""
     calls: dict[str, list[_Call]] = defaultdict(list)
+    starts: dict[str, int] = {}
+    reaches = _reaches(x)
+    grad_handles: list[RemovableHandle] = []
 
     def pre_hook(name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
-            calls[name].append(_Call(inputs=inputs, outputs=(), versions=[], first_node=_next_sequence_number()))
+            starts[name] = _next_sequence_number()
 
         return hook
 
     def post_hook(name: str):
         def hook(module: nn.Module, inputs: tuple, output) -> None:
-            call = calls[name][-1]
-            call.outputs = output if isinstance(output, tuple) else (output,)
-            call.versions = [t._version for t in _tensors(call.inputs) + _tensors(call.outputs)]
-            call.last_node = _next_sequence_number() - 1
+            outputs = output if isinstance(output, tuple) else (output,)
+            all_tensors = all(isinstance(t, Tensor) for t in outputs)
+            meta = (
+                [
+                    _Output(
+                        node=t.grad_fn,
+                        index=t.output_nr,
+                        requires_grad=t.requires_grad,
+                        rows=t.shape[0] if t.dim() > 0 else None,
+                        reaches_input=t.requires_grad and reaches(t.grad_fn),
+                    )
+                    for t in outputs
+                    if isinstance(t, Tensor)
+                ]
+                if all_tensors
+                else []
+            )
+            reads_outputs = RULE_READS[type(module)] == "outputs"
+            kept_outputs = (
+                tuple(t if reads_outputs or not m.reaches_input else None for t, m in zip(outputs, meta, strict=True))
+                if all_tensors
+                else ()
+            )
+            kept_inputs = () if reads_outputs else inputs
+            kept = [t for t in (*kept_inputs, *kept_outputs) if isinstance(t, Tensor)]
+            call = _Call(
+                inputs=kept_inputs,
+                outputs=kept_outputs,
+                meta=meta,
+                n_tensor_inputs=sum(isinstance(t, Tensor) for t in inputs),
+                all_tensors=all_tensors,
+                kept_versions=[(t, t._version) for t in kept],
+                first_node=starts[name],
+                last_node=_next_sequence_number() - 1,
+                module_name=name,
+            )
+            calls[name].append(call)
+            for k, t in enumerate(outputs if all_tensors else ()):
+                if t.requires_grad:
+                    grad_handles.append(t.register_hook(_grad_catcher(call, k, ruled[name], sq_norms_sink)))
 
         return hook
 
@@ -77,122 +166,162 @@ def _record(model: nn.Module, ruled: dict[str, nn.Module], x: Tensor, seeds: Ten
             handles.append(module.register_forward_hook(post_hook(name)))
         with torch.enable_grad():
             nll = model.nll(x, seeds)
+    except BaseException:
+        for handle in grad_handles:
+            handle.remove()
+        raise
     finally:
         for handle in handles:
             handle.remove()
-    return _Recording(nll=nll, calls=calls)
+    return nll, calls, grad_handles
 
 
-def _consumer_sequence_numbers(loss: Tensor, params: dict[int, str]) -> dict[str, list[int]]:
-    """For each parameter, the sequence numbers of the autograd nodes that read it."""
+def _traverse(loss: Tensor, params: dict[int, str]) -> tuple[dict[str, list[int]], set[tuple[object, int]]]:
+    """One pass over the autograd graph from `loss`: for each parameter the sequence numbers of the
+    nodes that read it, and every (node, output index) pair that some node reads."""
     consumers: dict[str, list[int]] = defaultdict(list)
-    seen, stack = set(), [loss.grad_fn]
+    consumed: set[tuple[object, int]] = set()
+    seen: set[object] = set()
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node in seen:
             continue
         seen.add(node)
-        for child, _ in node.next_functions:
+        for child, output_nr in node.next_functions:
             if child is None:
                 continue
+            consumed.add((child, output_nr))
             variable = getattr(child, "variable", None)
             if variable is not None and id(variable) in params:
                 consumers[params[id(variable)]].append(node._sequence_nr())
             stack.append(child)
-    return consumers
+    return consumers, consumed
 
 
-def _plan(model: nn.Module, x: Tensor, seeds: Tensor | None) -> tuple[_Recording, dict[str, str | None], dict]:
-    """Record a forward pass and decide, per trainable parameter, its rule or the reason it falls back.
-
-    Returns the recording, {parameter name: None if a rule covers it, else the reason}, and the
-    ruled modules by name.
-    """
+def _plan(model: nn.Module, x: Tensor, seeds: Tensor | None) -> _Plan:
+    """Record a forward pass and decide, per trainable parameter, its rule or the reason it falls back."""
     params = trainable_parameters(model)
-    owners: dict[int, list[tuple[str, nn.Module]]] = defaultdict(list)
+    owners: dict[int, set[str]] = defaultdict(set)
+    modules = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param in module.parameters(recurse=False):
-            owners[id(param)].append((module_name, module))
+            owners[id(param)].add(module_name)
+            modules[module_name] = module
     ruled = {
         name: module
         for name, module in model.named_modules()
         if type(module) in RULES and any(p.requires_grad for p in module.parameters(recurse=False))
     }
-    recording = _record(model, ruled, x, seeds)
-    consumers = _consumer_sequence_numbers(recording.nll.sum(), {id(p): name for name, p in params})
+    sq_norms: dict[str, Tensor] = {}
+    nll, calls, handles = _record(model, ruled, x, seeds, sq_norms)
+    consumers, consumed = _traverse(nll.sum(), {id(p): name for name, p in params})
     reasons: dict[str, str | None] = {}
+    covered: dict[str, _Call] = {}
     for name, param in params:
-        module_names = {module_name for module_name, _ in owners[id(param)]}
-        module_name, module = owners[id(param)][0]
-        calls = recording.calls.get(module_name, [])
-        if len(module_names) > 1:
-            reasons[name] = f"shared by modules {sorted(module_names)}"
-        elif type(module) not in RULES:
-            reasons[name] = f"no rule for {type(module).__name__}"
-        elif len(calls) != 1:
-            reasons[name] = f"{type(module).__name__} ran {len(calls)} times in one forward pass"
-        elif not all(isinstance(t, Tensor) for t in calls[0].outputs) or not _tensors(calls[0].inputs):
-            reasons[name] = f"{type(module).__name__} takes or returns something other than tensors"
-        elif any(t.shape[0] != x.shape[0] for t in calls[0].outputs if t.dim() > 0):
-            reasons[name] = f"{type(module).__name__} does not see one row per sample"
-        elif any(not calls[0].first_node <= seq <= calls[0].last_node for seq in consumers.get(name, [])):
+        module_name = name.rpartition(".")[0]
+        module_type = type(modules[module_name]).__name__
+        module_calls = calls.get(module_name, [])
+        call = module_calls[0] if len(module_calls) == 1 else None
+        if len(owners[id(param)]) > 1:
+            reasons[name] = f"shared by modules {sorted(owners[id(param)])}"
+        elif type(modules[module_name]) not in RULES:
+            reasons[name] = f"no rule for {module_type}"
+        elif call is None:
+            reasons[name] = f"{module_type} ran {len(module_calls)} times in one forward pass"
+        elif not call.all_tensors or call.n_tensor_inputs == 0:
+            reasons[name] = f"{module_type} takes or returns something other than tensors"
+        elif any(m.rows is not None and m.rows != x.shape[0] for m in call.meta):
+            reasons[name] = f"{module_type} does not see one row per sample"
+        elif any(not call.first_node <= seq <= call.last_node for seq in consumers.get(name, [])):
             reasons[name] = "also used outside its module's forward"
+        elif any(t._version != version for t, version in call.kept_versions):
+            reasons[name] = "a tensor its rule reads was changed in place after the forward call"
         else:
             reasons[name] = None
-    return recording, reasons, ruled
+            covered[module_name] = call
+    return _Plan(
+        nll=nll, calls=covered, modules=ruled, reasons=reasons, consumed=consumed, handles=handles, sq_norms=sq_norms
+    )
 
 
-def _changed_in_place(call: _Call) -> bool:
-    tensors = _tensors(call.inputs) + _tensors(call.outputs)
-    return any(t._version != version for t, version in zip(tensors, call.versions, strict=True))
+def _run_rule(call: _Call, module: nn.Module, sq_norms: dict[str, Tensor]) -> None:
+    """Apply a module's rule to its recorded call, then let go of everything the call kept."""
+    grad_outputs = tuple(call.grads.get(k) for k in range(len(call.meta)))
+    with torch.no_grad():
+        if all(g is None for g in grad_outputs):  # the loss does not reach this module: zero gradients
+            rule_norms = {
+                n: torch.zeros(call.meta[0].rows or 1)
+                for n, p in module.named_parameters(recurse=False)
+                if p.requires_grad
+            }
+        else:
+            rule_norms = RULES[type(module)](module, call.inputs, call.outputs, grad_outputs)
+    call.grads, call.inputs, call.outputs, call.kept_versions = {}, (), (), []
+    prefix = f"{call.module_name}." if call.module_name else ""
+    sq_norms.update({f"{prefix}{name}": value for name, value in rule_norms.items()})
+
+
+def _grad_catcher(call: _Call, index: int, module: nn.Module, sq_norms: dict[str, Tensor]):
+    """A tensor hook that stores one output gradient and runs the rule once all have arrived."""
+
+    def catch(grad: Tensor) -> None:
+        if not call.covered:
+            return
+        call.grads[index] = grad
+        call.pending.discard(index)
+        if not call.pending:
+            _run_rule(call, module, sq_norms)
+
+    return catch
 
 
 def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -> GradNorms:
     """Per-sample, per-tensor squared gradient norms from one forward and one backward pass."""
-    recording, reasons, ruled = _plan(model, x, seeds)
-    loss = recording.nll.sum()
-    name_of = {module: name for name, module in ruled.items()}
-    covered_calls = {}
-    for param_name, reason in reasons.items():
-        if reason is None:
-            module_name = param_name.rpartition(".")[0]
-            call = recording.calls[module_name][0]
-            if _changed_in_place(call):
-                reasons[param_name] = "an input or output was changed in place after the forward call"
-            else:
-                covered_calls[module_name] = call
-    targets = [t for call in covered_calls.values() for t in call.outputs if t.requires_grad]
-    grads = iter(torch.autograd.grad(loss, targets, allow_unused=True) if targets else ())
-    sq_norms: dict[str, Tensor] = {}
-    for module_name, call in covered_calls.items():
-        grad_outputs = tuple(next(grads) if t.requires_grad else None for t in call.outputs)
-        module = ruled[module_name]
-        with torch.no_grad():
-            rule_norms = RULES[type(module)](module, call.inputs, call.outputs, grad_outputs)
-        prefix = f"{name_of[module]}." if name_of[module] else ""
-        sq_norms.update({f"{prefix}{name}": value for name, value in rule_norms.items()})
-    fallback = [name for name, reason in reasons.items() if reason is not None]
+    x = x.detach().requires_grad_(torch.is_floating_point(x))  # the leaf the backward pass runs down to
+    plan = _plan(model, x, seeds)
+    try:
+        extra_inputs = []
+        for module_name, call in plan.calls.items():
+            call.covered = True
+            call.pending = {
+                k for k, m in enumerate(call.meta) if m.requires_grad and (m.node, m.index) in plan.consumed
+            }
+            if not call.pending:
+                _run_rule(call, plan.modules[module_name], plan.sq_norms)
+            # Outputs with no path to x are only reached if the backward pass is asked for them.
+            extra_inputs += [call.outputs[k] for k in call.pending if not call.meta[k].reaches_input]
+        inputs = ([x] if x.requires_grad else []) + extra_inputs
+        if inputs:
+            torch.autograd.grad(plan.nll.sum(), inputs, allow_unused=True)
+    finally:
+        for handle in plan.handles:
+            handle.remove()
+    fallback = [name for name, reason in plan.reasons.items() if reason is not None]
     if fallback:
         logger.debug(
             "hooks engine: %d of %d tensors fall back to vmap: %s",
             len(fallback),
-            len(reasons),
-            {name: reasons[name] for name in fallback},
+            len(plan.reasons),
+            {name: plan.reasons[name] for name in fallback},
         )
-        sq_norms.update(zip(fallback, vmap_grad_norms(model, x, seeds, only=fallback).sq_norms.unbind(1), strict=True))
-    names = list(reasons)
+        fallback_norms = vmap_grad_norms(model, x.detach(), seeds, only=fallback).sq_norms
+        plan.sq_norms.update(zip(fallback, fallback_norms.unbind(1), strict=True))
+    names = list(plan.reasons)
     return GradNorms(
-        sq_norms=torch.stack([sq_norms[name] for name in names], dim=1), nll=recording.nll.detach(), names=names
+        sq_norms=torch.stack([plan.sq_norms[name] for name in names], dim=1), nll=plan.nll.detach(), names=names
     )
 
 
 def explain(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -> dict[str, str]:
     """How the hooks engine computes each trainable tensor: "rule <function>" or "vmap fallback: <why>"."""
-    _, reasons, ruled = _plan(model, x, seeds)
+    plan = _plan(model, x.detach().requires_grad_(torch.is_floating_point(x)), seeds)
+    for handle in plan.handles:
+        handle.remove()
     described = {}
-    for name, reason in reasons.items():
+    for name, reason in plan.reasons.items():
         if reason is None:
-            module = ruled[name.rpartition(".")[0]]
+            module = plan.modules[name.rpartition(".")[0]]
             described[name] = f"rule {RULES[type(module)].__name__}"
         else:
             described[name] = f"vmap fallback: {reason}"

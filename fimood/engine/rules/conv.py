@@ -21,6 +21,18 @@ def _as_2d(layer: nn.Conv1d | nn.Conv2d, x: Tensor, g: Tensor) -> tuple[Tensor, 
     return x, g, kernel, stride, dilation
 
 
+def _patches(x: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> Tensor:
+    """The patch each output position sees, (B, C·k0·k1, T), as one copy of a strided view.
+
+    (F.unfold gives the same, but on CUDA it launches one kernel per sample.)
+    """
+    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+    windows = x.unfold(2, spans[0], stride[0]).unfold(3, spans[1], stride[1])  # (B, C, H', W', span0, span1)
+    windows = windows[..., :: dilation[0], :: dilation[1]]  # (B, C, H', W', k0, k1)
+    batch, channels, out_h, out_w = windows.shape[:4]
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * kernel[0] * kernel[1], out_h * out_w)
+
+
 def _explicit_sq_norms(x: Tensor, g: Tensor, kernel: tuple, stride: tuple, dilation: tuple) -> Tensor:
     """‖∂/∂W‖² per sample from explicit per-sample weight gradients (groups = 1), cheaply for any width.
 
@@ -32,7 +44,7 @@ def _explicit_sq_norms(x: Tensor, g: Tensor, kernel: tuple, stride: tuple, dilat
     if kernel == (1, 1) and stride == (1, 1):
         return weight_sq_norms(x.flatten(2).transpose(1, 2), g.flatten(2).transpose(1, 2))
     if x.shape[1] * kernel[0] * kernel[1] <= out_channels:
-        patches = F.unfold(x, kernel, dilation=dilation, stride=stride)
+        patches = _patches(x, kernel, stride, dilation)
         return weight_sq_norms(patches.transpose(1, 2), g.flatten(2).transpose(1, 2))
     (out_h, out_w), (s0, s1), (d0, d1) = g.shape[2:], stride, dilation
     spread = g.new_zeros(
@@ -64,7 +76,7 @@ def conv_sq_norms(
         if groups == 1 and positions * (d + p) >= d * p:
             sq_norms["weight"] = _explicit_sq_norms(x, g, kernel, stride, dilation)
         else:
-            patches = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (B, C_in·k, T)
+            patches = _patches(x, kernel, stride, dilation)  # (B, C_in·k, T)
             activations = patches.reshape(batch * groups, d, -1).transpose(1, 2)
             backprops = g.reshape(batch * groups, p, -1).transpose(1, 2)
             sq_norms["weight"] = weight_sq_norms(activations, backprops).reshape(batch, groups).sum(1)

@@ -24,7 +24,7 @@ def _sq_norm(per_sample: Tensor) -> Tensor:
     return per_sample.flatten(1).pow(2).sum(1)
 
 
-@register_rule(ActNorm)
+@register_rule(ActNorm, reads="outputs")
 def actnorm_sq_norms(layer: ActNorm, inputs: tuple, outputs: tuple, grad_outputs: tuple) -> dict[str, Tensor]:
     """bias: Σ_hw g·exp(logs); logs: Σ_hw g·y plus H·W·∂loss/∂log_det (the data-independent part)."""
     y, g = outputs[0], grad_outputs[0]
@@ -60,7 +60,7 @@ def invconv_sq_norms(layer: InvConv1x1, inputs: tuple, outputs: tuple, grad_outp
     return sq_norms
 
 
-@register_rule(ZeroConv2d)
+@register_rule(ZeroConv2d, reads="outputs")
 def zero_conv_sq_norms(layer: ZeroConv2d, inputs: tuple, outputs: tuple, grad_outputs: tuple) -> dict[str, Tensor]:
     """logs scales the output by exp(3·logs): ∂/∂logs = 3·Σ_hw g·y. The inner Conv2d has its own rule."""
     if not trainable(layer, "logs"):
@@ -68,7 +68,7 @@ def zero_conv_sq_norms(layer: ZeroConv2d, inputs: tuple, outputs: tuple, grad_ou
     return {"logs": _sq_norm(3.0 * (grad_outputs[0] * outputs[0]).sum((2, 3)))}
 
 
-@register_rule(LearnedPrior)
+@register_rule(LearnedPrior, reads="outputs")
 def learned_prior_sq_norms(
     layer: LearnedPrior, inputs: tuple, outputs: tuple, grad_outputs: tuple
 ) -> dict[str, Tensor]:

@@ -10,14 +10,20 @@ from torch import Tensor, nn
 NormRule = Callable[[nn.Module, tuple, tuple[Tensor, ...], tuple[Tensor | None, ...]], dict[str, Tensor]]
 
 RULES: dict[type[nn.Module], NormRule] = {}
+# What a rule reads besides the output gradients: "inputs" or "outputs". The engine keeps only that
+# alive until the rule runs, so peak memory stays near a plain backward pass.
+RULE_READS: dict[type[nn.Module], str] = {}
 
 
-def register_rule(*module_types: type[nn.Module]) -> Callable[[NormRule], NormRule]:
+def register_rule(*module_types: type[nn.Module], reads: str = "inputs") -> Callable[[NormRule], NormRule]:
     """Register `fn` as the norm rule for exactly these module types (subclasses need their own entry)."""
+    if reads not in ("inputs", "outputs"):
+        raise ValueError(f"reads must be 'inputs' or 'outputs', got {reads!r}")
 
     def add(fn: NormRule) -> NormRule:
         for module_type in module_types:
             RULES[module_type] = fn
+            RULE_READS[module_type] = reads
         return fn
 
     return add
