@@ -24,6 +24,13 @@ class TypicalityTest:
         self.entropy_ = float(nll.mean())
         return self
 
+    @classmethod
+    def from_entropy(cls, entropy: float) -> TypicalityTest:
+        """A fitted test from a known mean NLL (a streamed fit, or a saved detector)."""
+        test = cls()
+        test.entropy_ = float(entropy)
+        return test
+
     def ood_score(self, nll: np.ndarray) -> np.ndarray:
         """|NLL - Ĥ| per row; for groups of M rows, pass each group's mean NLL. Shape (n,)."""
         if not hasattr(self, "entropy_"):

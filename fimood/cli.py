@@ -66,20 +66,37 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {summary.steps} steps: train {summary.final_bits_per_dim:.3f} bits/dim{test}; saved to {args.out}")
 
 
+def _pipeline_config(args: argparse.Namespace):
+    from fimood.pipeline import PipelineConfig
+
+    return PipelineConfig(
+        input_format=args.input_format,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        batch_size=args.batch_size,
+        num_actors=args.num_actors,
+        method=args.method,
+        address=args.address,
+        storage_options=args.storage_options,
+    )
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
+    from fimood import pipeline
     from fimood.detector import DetectorSettings
-    from fimood.workflow import fit_detector
 
     settings = DetectorSettings(
         method=args.method,
         batch_size=args.batch_size,
         false_positive_rate=args.fpr,
         calibration_fraction=args.calibration_fraction,
-        group_sizes=tuple(args.group_sizes),
     )
-    detector = fit_detector(args.model, args.data, settings, limit=args.limit, storage_options=args.storage_options)
+    detector, summary = pipeline.fit(
+        args.model, args.data, _pipeline_config(args), settings, max_calibration_rows=args.max_calibration_rows
+    )
     detector_id = detector.save(args.out, args.storage_options)
     per_row = detector.by_group[1]
+    print(f"fit: {summary}")
     print(
         f"detector {detector_id}: {per_row.stats_.count} fit rows, {len(per_row.calibration_scores_)} calibration "
         f"rows, {int(per_row.density_.kept_features_.sum())}/{len(detector.feature_names)} features kept, "
@@ -88,16 +105,24 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from fimood.workflow import score
+    from fimood import pipeline
 
-    print(score(args.detector, args.data, args.out, storage_options=args.storage_options))
+    summary = pipeline.score(
+        args.detector, args.data, args.out, _pipeline_config(args), resume=args.resume, z_scores=args.features
+    )
+    print(f"score: {summary}; written to {args.out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from fimood.evaluate import evaluate, format_table, write_json
 
     rows = evaluate(
-        args.detector, args.id_data, dict(args.ood_data), limit=args.limit, storage_options=args.storage_options
+        args.detector,
+        args.id_data,
+        dict(args.ood_data),
+        group_sizes=tuple(args.group_sizes),
+        limit=args.limit,
+        storage_options=args.storage_options,
     )
     print(format_table(rows))
     if args.out:
@@ -109,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     result = run_demo(DemoConfig(out=args.out, preset=args.preset, train_steps=args.train_steps, method=args.method))
     print(result.report())
-    print(f"\n{result.score}; score table under {args.out}/scores/mnist")
+    print(f"\nscored MNIST through the pipeline: {result.score}; score table under {args.out}/scores/mnist")
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -163,32 +188,64 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--test-data", default=None, help="table to report test bits/dim on")
 
-    fit = command("fit", "fit the detector on in-distribution rows the model was not trained on", cmd_fit)
-    fit.add_argument("--model", required=True, help="checkpoint folder URL")
-    fit.add_argument("--data", required=True, help="in-distribution table URL")
-    fit.add_argument("--out", required=True, help="detector folder URL")
-    fit.add_argument("--method", default="auto", choices=METHODS, help="gradient engine")
-    fit.add_argument("--batch-size", type=int, default=64)
-    fit.add_argument("--fpr", type=float, default=0.05, help="false-positive rate that sets the threshold")
-    fit.add_argument("--calibration-fraction", type=float, default=0.2, help="share of rows held out to calibrate")
-    fit.add_argument(
-        "--group-sizes",
-        type=int,
-        nargs="+",
-        default=[1],
-        help="also fit the paper's grouped variant for these batch sizes (1 is always needed)",
-    )
-    fit.add_argument("--limit", type=int, default=None)
+    def pipeline_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+        sub.add_argument(
+            "--num-actors",
+            type=int,
+            default=1,
+            help="model replicas in the actor pool (one GPU each when the cluster has GPUs)",
+        )
+        sub.add_argument("--batch-size", type=int, default=64, help="rows per gradient batch")
+        sub.add_argument("--method", default="auto", choices=METHODS, help="gradient engine")
+        sub.add_argument(
+            "--input-format",
+            default="parquet",
+            choices=["parquet", "images"],
+            help="Parquet shards, or folders of PNG/JPEG files (id = path)",
+        )
+        sub.add_argument("--image-column", default="image", help="column of encoded images or uint8 arrays")
+        sub.add_argument("--id-column", default="id", help="row id column; when absent, ids are `<file>#<row>`")
 
-    score = command("score", "write per-row OOD scores (ood_score, p_value, is_ood, nll, error)", cmd_score)
+    fit = command(
+        "fit", "fit the detector on in-distribution rows the model was not trained on (Ray pipeline)", cmd_fit
+    )
+    fit.add_argument("--model", required=True, help="checkpoint folder URL")
+    fit.add_argument(
+        "--data", required=True, help="in-distribution rows: a Parquet file or folder, Hive partitions kept"
+    )
+    fit.add_argument("--out", required=True, help="detector folder URL")
+    fit.add_argument("--fpr", type=float, default=0.05, help="false-positive rate that sets the threshold")
+    fit.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.2,
+        help="share of rows (by a hash of the id) held out to calibrate",
+    )
+    fit.add_argument(
+        "--max-calibration-rows", type=int, default=100_000, help="bound on calibration rows kept on the driver"
+    )
+    pipeline_options(fit)
+
+    score = command("score", "write per-row OOD scores, partitioned like the input (Ray pipeline)", cmd_score)
     score.add_argument("--detector", required=True, help="detector folder URL")
-    score.add_argument("--data", required=True, help="table to score")
+    score.add_argument("--data", required=True, help="rows to score")
     score.add_argument("--out", required=True, help="output folder URL")
+    score.add_argument("--resume", action="store_true", help="skip partitions already committed by this detector")
+    score.add_argument("--features", action="store_true", help="also write per-layer z-scores")
+    pipeline_options(score)
 
     evaluate = command("evaluate", "compare the gradient method, Typicality and likelihood", cmd_evaluate)
     evaluate.add_argument("--detector", required=True)
     evaluate.add_argument("--id-data", required=True, help="held-out in-distribution table (not the fit rows)")
     evaluate.add_argument("--ood-data", type=_named_url, nargs="+", required=True, metavar="NAME=URL")
+    evaluate.add_argument(
+        "--group-sizes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="batch sizes to evaluate; >1 is the paper's grouped variant, fitted on the fit rows",
+    )
     evaluate.add_argument("--limit", type=int, default=None, help="first N rows of each table")
     evaluate.add_argument("--out", default=None, help="write the table as JSON here")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from fimood import pipeline
 from fimood.data import load_source
-from fimood.detector import DetectorSettings
 from fimood.evaluate import EvaluationRow, evaluate, format_table, write_json
 from fimood.io import write_image_parquet
 from fimood.storage import join
 from fimood.train import TrainConfig
-from fimood.workflow import ScoreSummary, TrainSummary, fit_detector, score, train_checkpoint
+from fimood.workflow import TrainSummary, train_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class DemoConfig:
 class DemoResult:
     train: TrainSummary
     rows: list[EvaluationRow]
-    score: ScoreSummary
+    score: pipeline.PassSummary
 
     def report(self) -> str:
         return (
@@ -60,7 +60,8 @@ def write_demo_data(out: str) -> dict[str, str]:
 
 
 def run_demo(config: DemoConfig) -> DemoResult:
-    """Data → train Glow → fit on half the test split (batch 1 and 5) → evaluate → score MNIST."""
+    """Data → train Glow → fit (the Ray pipeline) on half the test split → evaluate at batch 1 and 5 →
+    score MNIST (the Ray pipeline)."""
     data = write_demo_data(config.out)
     model_url, detector_url = join(config.out, "model"), join(config.out, "detector")
     trained = train_checkpoint(
@@ -70,15 +71,15 @@ def run_demo(config: DemoConfig) -> DemoResult:
         train_config=TrainConfig(steps=config.train_steps, seed=config.seed),
         test_data_url=data["fashion-mnist-heldout"],
     )
-    detector = fit_detector(
-        model_url, data["fashion-mnist-fit"], DetectorSettings(method=config.method, group_sizes=(1, 5))
-    )
+    run = pipeline.PipelineConfig(method=config.method)
+    detector, _ = pipeline.fit(model_url, data["fashion-mnist-fit"], run)
     detector.save(detector_url)
-    rows = evaluate(detector_url, data["fashion-mnist-heldout"], {"mnist": data["mnist"], "digits": data["digits"]})
+    ood_sets = {"mnist": data["mnist"], "digits": data["digits"]}
+    rows = evaluate(detector_url, data["fashion-mnist-heldout"], ood_sets, group_sizes=(1, 5))
     write_json(
         rows,
         join(config.out, "evaluation.json"),
         {"test_bits_per_dim": trained.test_bits_per_dim, "train_steps": trained.steps},
     )
-    scored = score(detector_url, data["mnist"], join(config.out, "scores", "mnist"))
+    scored = pipeline.score(detector_url, data["mnist"], join(config.out, "scores", "mnist"), run)
     return DemoResult(train=trained, rows=rows, score=scored)

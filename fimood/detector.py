@@ -86,12 +86,8 @@ class DetectorSettings:
     batch_size: int = 64
     false_positive_rate: float = 0.05
     calibration_fraction: float = 0.2
-    group_sizes: tuple[int, ...] = (1,)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "group_sizes", tuple(int(m) for m in self.group_sizes))
-        if not self.group_sizes or min(self.group_sizes) < 1 or 1 not in self.group_sizes:
-            raise ValueError(f"group_sizes must be positive and include 1 (per-row scores), got {self.group_sizes}")
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction!r}")
         if self.batch_size < 1:
@@ -131,7 +127,7 @@ class Detector:
         arrays = safetensors.numpy.load(read_bytes(join(url, ARRAYS_NAME), storage_options))
         settings = DetectorSettings(**manifest["settings"])
         by_group = {}
-        for size in settings.group_sizes:
+        for size in sorted(int(key) for key in manifest["groups"]):
             key = f"group{size}"
             stats = FeatureStats(
                 count=manifest["groups"][str(size)]["n_fit"],
@@ -145,8 +141,7 @@ class Detector:
             detector.calibration_scores_ = arrays[f"{key}.calibration_scores"]
             detector.threshold_ = manifest["groups"][str(size)]["threshold"]
             by_group[size] = detector
-        typicality = TypicalityTest()
-        typicality.entropy_ = manifest["typicality_entropy"]
+        typicality = TypicalityTest.from_entropy(manifest["typicality_entropy"])
         return cls(
             model_uri=manifest["model"]["uri"],
             model_sha256=manifest["model"]["sha256"],

@@ -1,4 +1,9 @@
-"""Evaluation: the gradient method against likelihood and Typicality on in-distribution vs OOD sets."""
+"""Evaluation: the gradient method against likelihood and Typicality on in-distribution vs OOD sets.
+
+Per-row scores use the saved detector. The paper's grouped variant (features of the summed loss of
+M rows) is an evaluation device: its densities are fitted here, in-process, on the detector's own
+fit rows, split into fit and calibration rows the same way as the pipeline splits them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fimood.baselines import likelihood_ood_score
-from fimood.detector import Detector
+from fimood.detector import Detector, GradNormDetector
 from fimood.features import Features, compute_features, seeds_from_ids
 from fimood.io import ImageTable, read_image_parquet
 from fimood.metrics import detection_metrics
 from fimood.models import LikelihoodModel
+from fimood.reduce import split_hash
 from fimood.storage import StorageOptions, write_bytes
 from fimood.workflow import load_detector_and_model
 
@@ -32,37 +38,79 @@ class EvaluationRow:
     n_ood: int
 
 
-def method_scores(detector: Detector, group_size: int, features: Features) -> dict[str, np.ndarray]:
+def table_features(
+    model: LikelihoodModel,
+    table: ImageTable,
+    group_size: int,
+    method: str,
+    batch_size: int,
+    rows: np.ndarray | None = None,
+    label: str = "features",
+) -> Features:
+    """Features of the decodable rows of a table (or of `rows` of it), per row or per consecutive group."""
+    rows = np.flatnonzero(table.ok) if rows is None else rows[table.ok[rows]]
+    return compute_features(
+        model,
+        table.images[rows],
+        seeds_from_ids([table.ids[i] for i in rows]),
+        group_size=group_size,
+        method=method,
+        batch_size=batch_size,
+        progress=label,
+    )
+
+
+def fit_grouped(detector: Detector, model: LikelihoodModel, fit_table: ImageTable, group_size: int) -> GradNormDetector:
+    """The grouped variant's density, from groups of `group_size` fit rows, calibrated on calibration rows."""
+    settings = detector.settings
+    calibration = split_hash(fit_table.ids) < settings.calibration_fraction
+
+    def features(rows: np.ndarray, label: str) -> np.ndarray:
+        return table_features(
+            model, fit_table, group_size, settings.method, settings.batch_size, rows, f"{label} (group {group_size})"
+        ).log_sq_norms
+
+    return GradNormDetector(false_positive_rate=settings.false_positive_rate).fit(
+        features(np.flatnonzero(~calibration), "fit"), features(np.flatnonzero(calibration), "calibration")
+    )
+
+
+def method_scores(density: GradNormDetector, detector: Detector, features: Features) -> dict[str, np.ndarray]:
     """OOD scores (higher = more OOD) of each method for the same rows or groups."""
     return {
-        "gradient": detector.by_group[group_size].ood_score(features.log_sq_norms),
+        "gradient": density.ood_score(features.log_sq_norms),
         "typicality": detector.typicality.ood_score(features.nll),
         "likelihood": likelihood_ood_score(features.nll),
     }
 
 
 def evaluate_tables(
-    detector: Detector, model: LikelihoodModel, id_table: ImageTable, ood_tables: dict[str, ImageTable]
+    detector: Detector,
+    model: LikelihoodModel,
+    id_table: ImageTable,
+    ood_tables: dict[str, ImageTable],
+    group_sizes: tuple[int, ...] = (1,),
+    fit_table: ImageTable | None = None,
 ) -> list[EvaluationRow]:
     """One row per (group size, OOD set, method); rows that could not be decoded are left out."""
-
-    def features(table: ImageTable, size: int, label: str) -> Features:
-        ok = np.flatnonzero(table.ok)
-        return compute_features(
-            model,
-            table.images[ok],
-            seeds_from_ids([table.ids[i] for i in ok]),
-            group_size=size,
-            method=detector.settings.method,
-            batch_size=detector.settings.batch_size,
-            progress=label,
-        )
-
     rows = []
-    for size in detector.settings.group_sizes:
-        id_scores = method_scores(detector, size, features(id_table, size, f"in-distribution (group {size})"))
+    settings = detector.settings
+    for size in group_sizes:
+        if size in detector.by_group:
+            density = detector.by_group[size]
+        elif fit_table is None:
+            raise ValueError(f"group size {size} needs the detector's fit rows to fit its density")
+        else:
+            density = fit_grouped(detector, model, fit_table, size)
+        id_features = table_features(
+            model, id_table, size, settings.method, settings.batch_size, label=f"in-distribution (group {size})"
+        )
+        id_scores = method_scores(density, detector, id_features)
         for name, table in ood_tables.items():
-            ood_scores = method_scores(detector, size, features(table, size, f"{name} (group {size})"))
+            ood_features = table_features(
+                model, table, size, settings.method, settings.batch_size, label=f"{name} (group {size})"
+            )
+            ood_scores = method_scores(density, detector, ood_features)
             for method in METHOD_NAMES:
                 metrics = detection_metrics(id_scores[method], ood_scores[method])
                 rows.append(
@@ -83,23 +131,34 @@ def evaluate(
     id_data_url: str,
     ood_data_urls: dict[str, str],
     *,
+    group_sizes: tuple[int, ...] = (1,),
     limit: int | None = None,
     storage_options: StorageOptions = None,
 ) -> list[EvaluationRow]:
-    """Read the in-distribution and OOD tables and evaluate every method on them."""
+    """Read the in-distribution and OOD tables (and, for grouped variants, the fit rows) and evaluate."""
     detector, model = load_detector_and_model(detector_url, storage_options)
 
-    def read(url: str) -> ImageTable:
-        return read_image_parquet(url, model.image_shape, limit=limit, storage_options=storage_options)
+    def read(url: str, rows: int | None = limit) -> ImageTable:
+        return read_image_parquet(url, model.image_shape, limit=rows, storage_options=storage_options)
 
-    return evaluate_tables(detector, model, read(id_data_url), {name: read(url) for name, url in ood_data_urls.items()})
+    fit_table = None
+    if any(size not in detector.by_group for size in group_sizes):
+        fit_table = read(detector.extra["fit_data"], None)
+    return evaluate_tables(
+        detector,
+        model,
+        read(id_data_url),
+        {name: read(url) for name, url in ood_data_urls.items()},
+        group_sizes,
+        fit_table,
+    )
 
 
 def format_table(rows: list[EvaluationRow]) -> str:
     """A plain-text table: one line per (OOD set, group size), AUROC and FPR95 for each method."""
     header = f"{'OOD set':<14}{'batch':>6}" + "".join(f"{m + ' AUROC':>18}{'FPR95':>8}" for m in METHOD_NAMES)
     lines = [header, "-" * len(header)]
-    keys = sorted({(row.ood_set, row.group_size) for row in rows}, key=lambda key: (key[0], key[1]))
+    keys = sorted({(row.ood_set, row.group_size) for row in rows})
     by_key = {(row.ood_set, row.group_size, row.method): row for row in rows}
     for ood_set, size in keys:
         cells = "".join(

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from fimood.density import LOG_SQ_NORM_FLOOR
 from fimood.engine import grad_norms
+from fimood.io import decode_pixels
 from fimood.models.base import LikelihoodModel
 from fimood.models.grouped import GroupSum
 
@@ -85,3 +86,62 @@ def compute_features(
         log_sq_norms=np.concatenate(log_norms) if log_norms else np.zeros((0, n_features)),
         nll=np.concatenate(nlls) if nlls else np.zeros(0),
     )
+
+
+@dataclass
+class RowFeatures:
+    """Features of rows as they came in: rows that could not be scored keep NaN and a reason."""
+
+    log_sq_norms: np.ndarray  # (n, L), NaN rows where error is set
+    nll: np.ndarray  # (n,)
+    errors: list[str | None]  # (n,)
+
+
+def featurize_rows(model: LikelihoodModel, ids: list[str], cells: list, *, method: str = "auto") -> RowFeatures:
+    """Decode image cells (bytes or arrays) and compute each decodable row's features.
+
+    This is the row boundary: a cell that cannot be decoded, a row the model fails on and a
+    non-finite result each become that row's error, never a failed batch.
+    """
+    n_features = sum(1 for p in model.parameters() if p.requires_grad)
+    images = np.zeros((len(ids), *model.image_shape), dtype=np.uint8)
+    errors: list[str | None] = [None] * len(ids)
+    for row, cell in enumerate(cells):
+        try:
+            images[row] = decode_pixels(cell, model.image_shape)
+        except ValueError as error:
+            errors[row] = str(error)
+    log_norms = np.full((len(ids), n_features), np.nan)
+    nll = np.full(len(ids), np.nan)
+    ok = np.array([error is None for error in errors], dtype=bool)
+    seeds = seeds_from_ids(ids)
+    try:
+        _fill(model, images, seeds, np.flatnonzero(ok), method, log_norms, nll)
+    except Exception:  # one bad row must not sink the batch: find it by scoring rows one at a time
+        logger.warning("a batch of %d rows failed; scoring its rows one at a time", ok.sum(), exc_info=True)
+        for row in np.flatnonzero(ok):
+            try:
+                _fill(model, images, seeds, np.array([row]), method, log_norms, nll)
+            except Exception as error:
+                errors[row] = f"scoring failed: {type(error).__name__}: {error}"
+    for row in np.flatnonzero(ok):
+        if errors[row] is None and not (np.isfinite(nll[row]) and np.isfinite(log_norms[row]).all()):
+            errors[row] = "the model gave a non-finite NLL or gradient"
+    failed = np.array([error is not None for error in errors], dtype=bool)
+    log_norms[failed], nll[failed] = np.nan, np.nan
+    return RowFeatures(log_sq_norms=log_norms, nll=nll, errors=errors)
+
+
+def _fill(
+    model: LikelihoodModel,
+    images: np.ndarray,
+    seeds: np.ndarray,
+    rows: np.ndarray,
+    method: str,
+    log_norms: np.ndarray,
+    nll: np.ndarray,
+) -> None:
+    if len(rows) == 0:
+        return
+    features = compute_features(model, images[rows], seeds[rows], method=method, batch_size=len(rows))
+    log_norms[rows], nll[rows] = features.log_sq_norms, features.nll

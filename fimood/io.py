@@ -12,6 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from fimood.sources import list_shards
 from fimood.storage import StorageOptions, filesystem, join
 
 IMAGE_MODES = {1: "L", 3: "RGB"}
@@ -39,6 +40,22 @@ def decode_image(data: bytes | None, image_shape: tuple[int, int, int]) -> np.nd
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"image cannot be decoded: {error}") from None
     return pixels[None] if channels == 1 else np.transpose(pixels, (2, 0, 1))
+
+
+def decode_pixels(value: object, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """An image cell, encoded bytes or a uint8 array of shape (C, H, W), (H, W, C) or (H, W), → uint8 (C, H, W)."""
+    if value is None or isinstance(value, bytes | bytearray):
+        return decode_image(value, image_shape)
+    pixels = np.asarray(value)
+    if pixels.dtype == object:
+        pixels = np.array(pixels.tolist())
+    if not np.issubdtype(pixels.dtype, np.integer) or (pixels.size and (pixels.min() < 0 or pixels.max() > 255)):
+        raise ValueError(f"pixel arrays must hold integers in 0..255, got dtype {pixels.dtype}")
+    channels, height, width = image_shape
+    for candidate in (pixels, np.moveaxis(pixels, -1, 0) if pixels.ndim == 3 else pixels, pixels[None]):
+        if candidate.shape == tuple(image_shape):
+            return candidate.astype(np.uint8)
+    raise ValueError(f"pixel array has shape {pixels.shape}, the model expects {(channels, height, width)}")
 
 
 @dataclass
@@ -113,13 +130,9 @@ def read_image_parquet(
 
 
 def read_parquet_table(url: str, storage_options: StorageOptions = None) -> pa.Table:
-    """A Parquet file, or every `*.parquet` below a folder in path order, as one table."""
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no such file or folder: {url}")
-    files = sorted(f for f in fs.find(path) if f.endswith(".parquet")) if fs.isdir(path) else [path]
-    if not files:
-        raise FileNotFoundError(f"no .parquet files under {url}")
+    """A Parquet file, or every shard below a folder in path order (`_` and `.` names skipped), as one table."""
+    fs, _ = filesystem(url, storage_options)
+    files = [shard.path for shard in list_shards(url, "parquet", storage_options)]
     return pads.dataset(files, filesystem=fs, format="parquet").to_table()
 
 

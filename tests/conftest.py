@@ -3,12 +3,73 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import socket
+import subprocess
 
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pytest
 import torch
 from torch import Tensor, nn
 
-from fimood.models import Glow, GlowConfig, LikelihoodModel
+from fimood import pipeline
+from fimood.data import load_source
+from fimood.io import write_image_parquet
+from fimood.models import Glow, GlowConfig, LikelihoodModel, save_model
+from fimood.train import TrainConfig, train
+
+# A loopback test cluster and its clients run without Ray's token auth (production keeps it on).
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One light Ray head on loopback for the whole session (2 CPUs, small object store), which the tests
+    use as a driver and submit jobs to; stopped by ending its process group.
+
+    Yields the dashboard address that `ray job submit` talks to.
+    """
+    import ray
+
+    gcs_port, dashboard_port = free_port(), free_port()
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs_port}",
+            "--num-cpus=2",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            "--object-store-memory=300000000",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp_path_factory.mktemp('ray')}",
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="WARNING")
+        yield f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
 
 
 def tiny_glow(dtype: torch.dtype = torch.float64, seed: int = 0, image_shape=(1, 8, 8)) -> Glow:
@@ -58,3 +119,33 @@ def assert_rel_close(actual: Tensor, expected: Tensor, rtol: float = 1e-6) -> No
     scale = expected.abs().clamp_min(1e-12)
     worst = ((actual - expected).abs() / scale).max().item()
     assert worst <= rtol, f"max relative difference {worst:.3g} > {rtol}"
+
+
+DAYS = ("2026-11-25", "2026-11-26")
+
+
+def read_scores(url: str) -> pa.Table:
+    return pads.dataset(
+        url, format="parquet", partitioning="hive", exclude_invalid_files=True, ignore_prefixes=["_", "."]
+    ).to_table()
+
+
+@pytest.fixture(scope="session")
+def lake(tmp_path_factory, ray_session):
+    """A tiny Glow trained on FashionMNIST, a fit table, and an MNIST table in two daily partitions."""
+    root = tmp_path_factory.mktemp("lake")
+    fashion = load_source("fashion-mnist", "test", limit=400)
+    mnist = load_source("mnist", limit=120)
+    torch.manual_seed(0)
+    model = Glow(GlowConfig.preset("tiny"))
+    train(model, fashion.images[:200], TrainConfig(steps=15, batch_size=32, warmup_steps=5), progress=False)
+    urls = {"model": str(root / "model"), "fit": str(root / "fit"), "mnist": str(root / "mnist")}
+    save_model(model, urls["model"])
+    write_image_parquet(urls["fit"], fashion.ids[200:], fashion.images[200:], rows_per_shard=50)
+    for day, rows in zip(DAYS, (slice(0, 70), slice(70, 120)), strict=True):
+        write_image_parquet(f"{urls['mnist']}/date={day}", mnist.ids[rows], mnist.images[rows], rows_per_shard=32)
+    detector, summary = pipeline.fit(urls["model"], urls["fit"], pipeline.PipelineConfig(batch_size=32))
+    assert summary.rows == 200 and summary.errors == 0
+    urls["detector"] = str(root / "detector")
+    detector.save(urls["detector"])
+    return urls

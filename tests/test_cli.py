@@ -15,7 +15,7 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-def test_data_train_fit_score_evaluate(tmp_path, capsys):
+def test_data_train_fit_score_evaluate(ray_session, tmp_path, capsys):
     d = str(tmp_path)
     main(["data", "fashion-mnist", "--out", f"{d}/train", "--limit", "200"])
     main(["data", "fashion-mnist", "--out", f"{d}/fit", "--split", "test", "--limit", "150"])
@@ -38,23 +38,12 @@ def test_data_train_fit_score_evaluate(tmp_path, capsys):
         ]
     )
     assert "trained 4 steps" in capsys.readouterr().out
-    main(["fit", "--model", f"{d}/model", "--data", f"{d}/fit", "--out", f"{d}/det", "--group-sizes", "1", "5"])
+    main(["fit", "--model", f"{d}/model", "--data", f"{d}/fit", "--out", f"{d}/det", "--batch-size", "32"])
     assert "features kept" in capsys.readouterr().out
-    main(["score", "--detector", f"{d}/det", "--data", f"{d}/digits", "--out", f"{d}/scores"])
-    assert "scored 60 rows (0 errors)" in capsys.readouterr().out
-    main(
-        [
-            "evaluate",
-            "--detector",
-            f"{d}/det",
-            "--id-data",
-            f"{d}/fit",
-            "--ood-data",
-            f"digits={d}/digits",
-            "--out",
-            f"{d}/eval.json",
-        ]
-    )
+    main(["score", "--detector", f"{d}/det", "--data", f"{d}/digits", "--out", f"{d}/scores", "--features"])
+    assert "score: 60 rows (0 errors)" in capsys.readouterr().out
+    evaluate = ["evaluate", "--detector", f"{d}/det", "--id-data", f"{d}/fit", "--ood-data", f"digits={d}/digits"]
+    main([*evaluate, "--group-sizes", "1", "5", "--out", f"{d}/eval.json"])
     assert "gradient AUROC" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "eval.json").read_text())["rows"]) == 6
 
@@ -67,10 +56,10 @@ def test_bad_arguments_exit_with_usage():
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     main(["demo", "--out", str(tmp_path), "--preset", "tiny", "--train-steps", "20"])
     out = capsys.readouterr().out
     assert "test bits/dim" in out and "mnist" in out and "digits" in out
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert {row["group_size"] for row in evaluation["rows"]} == {1, 5}
-    assert (tmp_path / "scores" / "mnist" / "part-00000.parquet").exists()
+    assert (tmp_path / "scores" / "mnist" / "_SUCCESS").exists()

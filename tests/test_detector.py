@@ -20,7 +20,7 @@ def _detector(rng) -> Detector:
         model_uri="memory://model",
         model_sha256="ab" * 32,
         feature_names=[f"p{i}" for i in range(6)],
-        settings=DetectorSettings(group_sizes=(1, 5)),
+        settings=DetectorSettings(),
         by_group=by_group,
         typicality=TypicalityTest().fit(rng.normal(size=300)),
     )
@@ -99,9 +99,4 @@ def test_artifact_is_json_and_safetensors_only(tmp_path):
     assert manifest["format_version"] == 1
     assert manifest["model"] == {"uri": "memory://model", "sha256": "ab" * 32}
     assert manifest["groups"]["1"]["n_fit"] == 300 and manifest["groups"]["1"]["n_calibration"] == 100
-    assert manifest["settings"]["group_sizes"] == [1, 5]
-
-
-def test_settings_must_include_per_row_scores():
-    with pytest.raises(ValueError, match="include 1"):
-        DetectorSettings(group_sizes=(5,))
+    assert sorted(manifest["groups"]) == ["1", "5"]

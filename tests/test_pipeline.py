@@ -1,0 +1,122 @@
+"""The Ray pipeline on local files: DESIGN.md's promises for the fit and score passes."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import DAYS, read_scores
+
+from fimood import pipeline
+from fimood.data import load_source
+from fimood.detector import Detector
+from fimood.features import compute_features, seeds_from_ids
+from fimood.io import encode_png
+from fimood.models import load_model
+
+
+def test_rows_in_equal_rows_out_and_partitions_are_kept(lake, tmp_path):
+    summary = pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), pipeline.PipelineConfig())
+    table = read_scores(str(tmp_path))
+    ids = table.column("id").to_pylist()
+    assert summary.rows == table.num_rows == 120 and summary.errors == 0
+    assert sorted(ids) == sorted(load_source("mnist", limit=120).ids) and len(set(ids)) == 120
+    assert sorted((tmp_path).glob("date=*")) == [tmp_path / f"date={day}" for day in DAYS]
+    by_day = table.group_by("date").aggregate([("id", "count")]).to_pylist()
+    assert {row["date"]: row["id_count"] for row in by_day} == {DAYS[0]: 70, DAYS[1]: 50}
+    assert {"ood_score", "p_value", "is_ood", "nll", "error", "detector_id"} <= set(table.column_names)
+    marker = json.loads((tmp_path / f"date={DAYS[0]}" / "_SUCCESS").read_text())
+    assert marker == {"detector_id": Detector.load(lake["detector"]).detector_id, "rows": 70, "errors": 0}
+
+
+def test_scores_equal_the_in_process_detector(lake, tmp_path):
+    pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), pipeline.PipelineConfig())
+    table = read_scores(str(tmp_path)).sort_by("id")
+    source = load_source("mnist", limit=120)
+    order = np.argsort(source.ids)
+    features = compute_features(load_model(lake["model"]), source.images[order], seeds_from_ids(source.ids)[order])
+    expected = Detector.load(lake["detector"]).by_group[1].ood_score(features.log_sq_norms)
+    np.testing.assert_allclose(table.column("ood_score").to_numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("batch_size", "num_actors"), [(1, 1), (7, 2), (64, 1)])
+def test_batch_size_and_actor_count_do_not_change_scores(lake, tmp_path, batch_size, num_actors):
+    config = pipeline.PipelineConfig(batch_size=batch_size, num_actors=num_actors)
+    pipeline.score(lake["detector"], f"{lake['mnist']}/date={DAYS[1]}", str(tmp_path), config)
+    reference = tmp_path.parent / "reference"
+    if not reference.exists():
+        pipeline.score(
+            lake["detector"], f"{lake['mnist']}/date={DAYS[1]}", str(reference), pipeline.PipelineConfig(batch_size=16)
+        )
+    got, want = read_scores(str(tmp_path)).sort_by("id"), read_scores(str(reference)).sort_by("id")
+    np.testing.assert_allclose(got.column("ood_score").to_numpy(), want.column("ood_score").to_numpy(), rtol=1e-6)
+
+
+def test_bad_rows_come_out_with_an_error_and_no_score(lake, tmp_path):
+    good = encode_png(load_source("mnist", limit=1).images[0])
+    rows = {
+        "id": ["ok", "corrupt", "missing", "wrong-size", "float-array"],
+        "image": [good, b"\x89PNG broken", None, encode_png(np.zeros((1, 8, 8), np.uint8)), None],
+    }
+    table = pa.table(rows)
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    summary = pipeline.score(lake["detector"], str(tmp_path / "in"), str(tmp_path / "out"), pipeline.PipelineConfig())
+    out = {row["id"]: row for row in read_scores(str(tmp_path / "out")).to_pylist()}
+    assert summary.rows == 5 and summary.errors == 4 and sorted(out) == sorted(rows["id"])
+    assert out["ok"]["error"] is None and np.isfinite(out["ok"]["ood_score"])
+    for row_id, reason in [("corrupt", "cannot be decoded"), ("missing", "missing"), ("wrong-size", "28x28")]:
+        assert reason in out[row_id]["error"] and out[row_id]["ood_score"] is None and out[row_id]["is_ood"] is None
+
+
+def test_a_rerun_replaces_and_resume_skips_committed_partitions(lake, tmp_path):
+    config = pipeline.PipelineConfig()
+    pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), config)
+    first = sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").iterdir())
+    pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), config)
+    assert read_scores(str(tmp_path)).num_rows == 120
+    assert sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").iterdir()) != first  # replaced, not added
+    resumed = pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), config, resume=True)
+    assert resumed.skipped_partitions == 2 and resumed.rows == 0
+    assert not (tmp_path / "_staging").exists()
+
+
+def test_ids_are_derived_when_there_is_no_id_column(lake, tmp_path):
+    images = load_source("mnist", limit=3).images
+    pq.write_table(pa.table({"pixels": [encode_png(image) for image in images]}), tmp_path / "part-0.parquet")
+    config = pipeline.PipelineConfig(image_column="pixels")
+    pipeline.score(lake["detector"], str(tmp_path / "part-0.parquet"), str(tmp_path / "out"), config)
+    ids = sorted(read_scores(str(tmp_path / "out")).column("id").to_pylist())
+    assert ids == [f"{tmp_path}/part-0.parquet#{row}" for row in range(3)]
+
+
+def test_image_files_and_pixel_arrays_are_read(lake, tmp_path):
+    images = load_source("mnist", limit=2).images
+    for index, image in enumerate(images):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "images" / f"{index}.png").write_bytes(encode_png(image))
+    pipeline.score(
+        lake["detector"],
+        str(tmp_path / "images"),
+        str(tmp_path / "out-images"),
+        pipeline.PipelineConfig(input_format="images"),
+    )
+    from_files = read_scores(str(tmp_path / "out-images")).sort_by("id")
+    assert from_files.column("id").to_pylist() == [str(tmp_path / "images" / f"{i}.png") for i in range(2)]
+    pq.write_table(
+        pa.table({"id": from_files.column("id"), "image": [image[0].tolist() for image in images]}),
+        tmp_path / "arrays.parquet",
+    )
+    pipeline.score(
+        lake["detector"],
+        str(tmp_path / "arrays.parquet"),
+        str(tmp_path / "out-arrays"),
+        pipeline.PipelineConfig(),
+        z_scores=True,
+    )
+    from_arrays = read_scores(str(tmp_path / "out-arrays")).sort_by("id")
+    np.testing.assert_allclose(
+        from_arrays.column("ood_score").to_numpy(), from_files.column("ood_score").to_numpy(), rtol=1e-6
+    )
+    assert len(from_arrays.column("z_scores")[0].as_py()) > 0
