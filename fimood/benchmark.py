@@ -105,3 +105,50 @@ def format_rows(rows: list[BenchmarkRow], machine: str) -> str:
             f"{row.slowdown:>9.1f}x{peak:>10}"
         )
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PipelineBenchmarkRow:
+    mode: str
+    rows: int
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds
+
+
+def run_pipeline_benchmark(
+    rows: int, preset: str, batch_size: int, num_actors: int, cpus_per_actor: int, workdir: str
+) -> list[PipelineBenchmarkRow]:
+    """Rows/s of the in-process engine (decode + features) and of the Ray fit pass over the same Parquet rows.
+
+    The pipeline runs twice: the first run includes starting Ray and its actors, the second is warm.
+    """
+    import numpy as np
+
+    from fimood import pipeline
+    from fimood.features import featurize_rows
+    from fimood.io import read_parquet_table, write_image_parquet
+    from fimood.models import load_model, save_model
+
+    torch.manual_seed(0)
+    model = Glow(GlowConfig.preset(preset, IMAGE_SHAPES[preset]))
+    images = np.random.default_rng(0).integers(0, 256, (rows, *IMAGE_SHAPES[preset]), dtype=np.uint8)
+    model.initialize(torch.as_tensor(images[:64]).float() / 255)
+    save_model(model, f"{workdir}/model")
+    write_image_parquet(f"{workdir}/data", [f"row-{i}" for i in range(rows)], images, rows_per_shard=max(1, rows // 8))
+    results = []
+    start = time.perf_counter()
+    table = read_parquet_table(f"{workdir}/data")
+    loaded = load_model(f"{workdir}/model")
+    ids, cells = table.column("id").to_pylist(), table.column("image").to_pylist()
+    for first in range(0, rows, batch_size):
+        featurize_rows(loaded, ids[first : first + batch_size], cells[first : first + batch_size])
+    results.append(PipelineBenchmarkRow("in-process", rows, time.perf_counter() - start))
+    config = pipeline.PipelineConfig(batch_size=batch_size, num_actors=num_actors, cpus_per_actor=cpus_per_actor)
+    for mode in ("pipeline (cold)", "pipeline (warm)"):
+        start = time.perf_counter()
+        pipeline.fit(f"{workdir}/model", f"{workdir}/data", config)
+        results.append(PipelineBenchmarkRow(mode, rows, time.perf_counter() - start))
+    return results

@@ -75,6 +75,7 @@ def _pipeline_config(args: argparse.Namespace):
         id_column=args.id_column,
         batch_size=args.batch_size,
         num_actors=args.num_actors,
+        cpus_per_actor=args.cpus_per_actor,
         method=args.method,
         address=args.address,
         storage_options=args.storage_options,
@@ -146,6 +147,26 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     print(format_rows(rows, machine_name(torch.device(args.device))))
 
 
+def cmd_benchmark_pipeline(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import torch
+
+    from fimood.benchmark import machine_name, run_pipeline_benchmark
+
+    with tempfile.TemporaryDirectory() as workdir:
+        rows = run_pipeline_benchmark(
+            args.rows, args.preset, args.batch_size, args.num_actors, args.cpus_per_actor, workdir
+        )
+    print(f"machine: {machine_name(torch.device('cpu'))}, Ray actors: {args.num_actors} x {args.cpus_per_actor} CPU")
+    in_process = rows[0].rows_per_second
+    for row in rows:
+        print(
+            f"{row.mode:<18}{row.rows:>7} rows{row.seconds:>9.1f} s{row.rows_per_second:>9.1f} rows/s"
+            f"{row.rows_per_second / in_process:>7.2f}x in-process"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fimood",
@@ -196,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=1,
             help="model replicas in the actor pool (one GPU each when the cluster has GPUs)",
         )
+        sub.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs (and torch threads) per replica")
         sub.add_argument("--batch-size", type=int, default=64, help="rows per gradient batch")
         sub.add_argument("--method", default="auto", choices=METHODS, help="gradient engine")
         sub.add_argument(
@@ -262,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--loop-batch-size", type=int, default=8, help="rows for `loop` (its cost is linear)")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--device", default="cpu")
+    bench_pipeline = command(
+        "benchmark-pipeline", "rows/s of the Ray fit pass vs the in-process engine", cmd_benchmark_pipeline
+    )
+    bench_pipeline.add_argument("--rows", type=int, default=2048)
+    bench_pipeline.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
+    bench_pipeline.add_argument("--batch-size", type=int, default=64)
+    bench_pipeline.add_argument("--num-actors", type=int, default=1)
+    bench_pipeline.add_argument("--cpus-per-actor", type=int, default=1)
     return parser
 
 

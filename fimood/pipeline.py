@@ -49,6 +49,7 @@ class PipelineConfig:
     id_column: str = "id"  # when absent, ids are derived: `<shard path>#<row>`
     batch_size: int = 64
     num_actors: int = 1
+    cpus_per_actor: int = 1  # torch threads per model replica follow this (Ray sets OMP_NUM_THREADS)
     method: str = "auto"
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local Ray
     storage_options: dict | None = field(default=None, hash=False)
@@ -56,7 +57,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.input_format not in ("parquet", "images"):
             raise ValueError(f"input_format must be 'parquet' or 'images', got {self.input_format!r}")
-        for name in ("batch_size", "num_actors"):
+        for name in ("batch_size", "num_actors", "cpus_per_actor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
