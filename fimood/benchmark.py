@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import platform
 import statistics
 import time
@@ -25,7 +26,7 @@ class BenchmarkRow:
     batch_size: int
     images_per_second: float  # median over repeats
     slowdown: float  # median seconds per image / plain's
-    peak_memory_mib: float | None  # CUDA only
+    peak_memory_mib: float  # CUDA: peak allocated; CPU: extra peak resident memory of one step
 
 
 def machine_name(device: torch.device) -> str:
@@ -58,27 +59,57 @@ def _time(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple[f
     return statistics.median(seconds), peak
 
 
+def _setup(preset: str, batch_size: int, device: torch.device) -> tuple[Glow, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Glow(GlowConfig.preset(preset, IMAGE_SHAPES[preset])).to(device)
+    x = torch.rand(batch_size, *IMAGE_SHAPES[preset], device=device)
+    model.initialize(x)
+    return model, x, torch.arange(batch_size, device=device)
+
+
+def _step(mode: str, model: Glow, x: torch.Tensor, seeds: torch.Tensor, rows: int) -> Callable[[], object]:
+    if mode == "plain":
+        return functools.partial(_plain_step, model, x, seeds)
+    return functools.partial(grad_norms, model, x[:rows], seeds[:rows], mode)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+
+
+def _step_rss_mib(preset: str, batch_size: int, mode: str, rows: int) -> float:
+    """Peak resident memory of one CPU step above the resident memory before it, in a fresh process.
+
+    Linux's peak counter (VmHWM) is reset to the current size just before the step (clear_refs 5).
+    """
+    model, x, seeds = _setup(preset, batch_size, torch.device("cpu"))
+    step = _step(mode, model, x, seeds, rows)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
 def run_benchmark(
     presets: list[str], methods: list[str], batch_size: int, loop_batch_size: int, repeats: int, device: str = "cpu"
 ) -> list[BenchmarkRow]:
-    """Time the plain step and each engine on each preset, same model and data; `loop` may use fewer rows."""
+    """Time the plain step and each engine on each preset, same model and data; `loop` may use fewer rows.
+
+    CPU memory is measured in a separate fresh process per mode, so one mode's peak cannot hide another's.
+    """
     target = torch.device(device)
     rows = []
     for preset in presets:
-        torch.manual_seed(0)
-        model = Glow(GlowConfig.preset(preset, IMAGE_SHAPES[preset])).to(target)
-        x = torch.rand(batch_size, *IMAGE_SHAPES[preset], device=target)
-        seeds = torch.arange(batch_size, device=target)
-        model.initialize(x)
+        model, x, seeds = _setup(preset, batch_size, target)
         per_image = {}
         for mode in ["plain", *methods]:
             n = loop_batch_size if mode == "loop" else batch_size
-            step = (
-                functools.partial(_plain_step, model, x, seeds)
-                if mode == "plain"
-                else functools.partial(grad_norms, model, x[:n], seeds[:n], mode)
-            )
-            seconds, peak = _time(step, target, repeats)
+            seconds, peak = _time(_step(mode, model, x, seeds, n), target, repeats)
+            if target.type == "cpu":
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    peak = pool.apply(_step_rss_mib, (preset, batch_size, mode, n))
             per_image[mode] = seconds / n
             rows.append(
                 BenchmarkRow(
@@ -99,7 +130,7 @@ def format_rows(rows: list[BenchmarkRow], machine: str) -> str:
         f"{'preset':<8}{'mode':<8}{'batch':>6}{'images/s':>12}{'vs plain':>10}{'peak MiB':>10}",
     ]
     for row in rows:
-        peak = f"{row.peak_memory_mib:.0f}" if row.peak_memory_mib is not None else "-"
+        peak = f"{row.peak_memory_mib:.0f}"
         lines.append(
             f"{row.preset:<8}{row.mode:<8}{row.batch_size:>6}{row.images_per_second:>12.1f}"
             f"{row.slowdown:>9.1f}x{peak:>10}"
