@@ -180,3 +180,23 @@ def test_fallback_leaves_the_model_intact():
     grad_norms(model, torch.randn(2, 4, dtype=torch.float64), method="hooks")
     after = dict(model.named_parameters(remove_duplicate=False))
     assert before.keys() == after.keys() and all(after[name] is p for name, p in before.items())
+
+
+class UnusedBranch(LikelihoodModel):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(3, 1), nn.Linear(3, 2)
+
+    def nll(self, x, seeds=None):
+        self.unused(x)  # computed, never reaches the loss
+        return self.used(x).squeeze(-1).pow(2)
+
+
+def test_a_ruled_module_the_loss_does_not_reach_gets_zero_norms_of_the_model_dtype():
+    model = UnusedBranch().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    hooks = grad_norms(model, x, method="hooks")
+    assert_hooks_equal_loop(model, x)
+    unused = [hooks.names.index(name) for name in ("unused.weight", "unused.bias")]
+    assert (hooks.sq_norms[:, unused] == 0).all() and hooks.sq_norms.dtype == torch.float64
+    assert explain(model, x)["unused.weight"] == "rule linear_sq_norms"

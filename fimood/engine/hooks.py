@@ -249,17 +249,14 @@ def _run_rule(call: _Call, module: nn.Module, sq_norms: dict[str, Tensor]) -> No
     """Apply a module's rule to its recorded call, then let go of everything the call kept."""
     grad_outputs = tuple(call.grads.get(k) for k in range(len(call.meta)))
     with torch.no_grad():
-        if all(g is None for g in grad_outputs):  # the loss does not reach this module: zero gradients
-            rule_norms = {
-                n: torch.zeros(call.meta[0].rows or 1)
-                for n, p in module.named_parameters(recurse=False)
-                if p.requires_grad
-            }
-        else:
-            rule_norms = RULES[type(module)](module, call.inputs, call.outputs, grad_outputs)
+        rule_norms = RULES[type(module)](module, call.inputs, call.outputs, grad_outputs)
     call.grads, call.inputs, call.outputs, call.kept_versions = {}, (), (), []
-    prefix = f"{call.module_name}." if call.module_name else ""
-    sq_norms.update({f"{prefix}{name}": value for name, value in rule_norms.items()})
+    sq_norms.update({_qualified(call.module_name, name): value for name, value in rule_norms.items()})
+
+
+def _qualified(module_name: str, param_name: str) -> str:
+    """The parameter's name as `model.named_parameters()` gives it."""
+    return f"{module_name}.{param_name}" if module_name else param_name
 
 
 def _grad_catcher(call: _Call, index: int, module: nn.Module, sq_norms: dict[str, Tensor]):
@@ -287,8 +284,14 @@ def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -
             call.pending = {
                 k for k, m in enumerate(call.meta) if m.requires_grad and (m.node, m.index) in plan.consumed
             }
-            if not call.pending:
-                _run_rule(call, plan.modules[module_name], plan.sq_norms)
+            if not call.pending:  # the loss does not reach this module: its gradients are zero
+                plan.sq_norms.update(
+                    {
+                        _qualified(module_name, name): p.new_zeros(x.shape[0])
+                        for name, p in plan.modules[module_name].named_parameters(recurse=False)
+                        if p.requires_grad
+                    }
+                )
             # Outputs with no path to x are only reached if the backward pass is asked for them.
             extra_inputs += [call.outputs[k] for k in call.pending if not call.meta[k].reaches_input]
         inputs = ([x] if x.requires_grad else []) + extra_inputs
