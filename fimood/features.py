@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from fimood.density import LOG_SQ_NORM_FLOOR
 from fimood.engine import grad_norms
-from fimood.io import decode_pixels
+from fimood.io import decode_cells
 from fimood.models.base import LikelihoodModel
 from fimood.models.grouped import GroupSum
 
@@ -104,13 +104,7 @@ def featurize_rows(model: LikelihoodModel, ids: list[str], cells: list, *, metho
     non-finite result each become that row's error, never a failed batch.
     """
     n_features = sum(1 for p in model.parameters() if p.requires_grad)
-    images = np.zeros((len(ids), *model.image_shape), dtype=np.uint8)
-    errors: list[str | None] = [None] * len(ids)
-    for row, cell in enumerate(cells):
-        try:
-            images[row] = decode_pixels(cell, model.image_shape)
-        except ValueError as error:
-            errors[row] = str(error)
+    images, errors = decode_cells(cells, model.image_shape)
     log_norms = np.full((len(ids), n_features), np.nan)
     nll = np.full(len(ids), np.nan)
     ok = np.array([error is None for error in errors], dtype=bool)

@@ -58,6 +58,18 @@ def decode_pixels(value: object, image_shape: tuple[int, int, int]) -> np.ndarra
     raise ValueError(f"pixel array has shape {pixels.shape}, the model expects {(channels, height, width)}")
 
 
+def decode_cells(cells: list, image_shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a column of image cells: uint8 (N, C, H, W), zero where a cell fails, and each row's error or None."""
+    images = np.zeros((len(cells), *image_shape), dtype=np.uint8)
+    errors: list[str | None] = [None] * len(cells)
+    for row, cell in enumerate(cells):
+        try:
+            images[row] = decode_pixels(cell, image_shape)
+        except ValueError as error:
+            errors[row] = str(error)
+    return images, errors
+
+
 @dataclass
 class ImageTable:
     """Decoded rows; rows that could not be decoded keep a zero image and an error message."""
@@ -109,7 +121,7 @@ def read_image_parquet(
     limit: int | None = None,
     storage_options: StorageOptions = None,
 ) -> ImageTable:
-    """Read a Parquet file or folder of shards (in file-name order) and decode its image column."""
+    """Read a Parquet file or folder of shards (in file-name order) and decode its image column (bytes or arrays)."""
     table = read_parquet_table(url, storage_options)
     for column in (id_column, image_column):
         if column not in table.column_names:
@@ -117,14 +129,7 @@ def read_image_parquet(
     if limit is not None:
         table = table.slice(0, limit)
     ids = [str(value) for value in table.column(id_column).to_pylist()]
-    images = np.zeros((len(ids), *image_shape), dtype=np.uint8)
-    errors: list[str | None] = []
-    for row, data in enumerate(table.column(image_column).to_pylist()):
-        try:
-            images[row] = decode_image(data, image_shape)
-            errors.append(None)
-        except ValueError as error:
-            errors.append(str(error))
+    images, errors = decode_cells(table.column(image_column).to_pylist(), image_shape)
     labels = table.column("label").to_numpy() if "label" in table.column_names else None
     return ImageTable(ids=ids, images=images, errors=errors, labels=labels)
 

@@ -68,3 +68,13 @@ def test_missing_column_or_path_is_a_clear_error():
         read_image_parquet("memory://tables/c", (1, 8, 8), image_column="pixels")
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_image_parquet("memory://tables/nothing-here", (1, 8, 8))
+
+
+def test_pixel_array_cells_are_read_like_encoded_ones():
+    images = np.random.default_rng(2).integers(0, 256, (2, 1, 8, 8), dtype=np.uint8)
+    fs, path = filesystem("memory://tables/arrays/part-0.parquet")
+    with fs.open(path, "wb") as handle:
+        pq.write_table(pa.table({"id": ["a", "b"], "image": [image[0].tolist() for image in images]}), handle)
+    table = read_image_parquet("memory://tables/arrays", (1, 8, 8))
+    assert table.errors == [None, None]
+    np.testing.assert_array_equal(table.images, images)
