@@ -1,7 +1,6 @@
 """The fit reduce: streams feature batches into mergeable statistics and a bounded calibration sample.
 
-Memory stays O(features + max_calibration_rows) whatever the number of rows, so the same reduce
-serves an in-process fit and a fit over a data lake streamed from Ray.
+Memory stays O(features + max_calibration_rows) whatever the number of rows streamed through it.
 """
 
 from __future__ import annotations
@@ -40,8 +39,9 @@ class FitReduce:
         self.max_calibration_rows = max_calibration_rows
         self.stats = FeatureStats.empty(n_features)
         self.nll_sum, self.nll_count = 0.0, 0
-        self._calibration_hashes = np.zeros(0)
-        self._calibration_features = np.zeros((0, n_features))
+        self._hashes: list[np.ndarray] = [np.zeros(0)]
+        self._features: list[np.ndarray] = [np.zeros((0, n_features))]
+        self._pending_rows = 0
 
     def add(self, ids: list[str], log_sq_norms: np.ndarray, nll: np.ndarray) -> None:
         """Add a batch of decodable rows: ids (n,), features (n, L), NLL (n,)."""
@@ -50,24 +50,27 @@ class FitReduce:
         self.stats = self.stats.update(log_sq_norms[~calibration])
         self.nll_sum += float(np.sum(nll[~calibration]))
         self.nll_count += int((~calibration).sum())
-        kept_hashes = np.concatenate([self._calibration_hashes, hashes[calibration]])
-        kept_features = np.concatenate([self._calibration_features, log_sq_norms[calibration]])
-        order = np.argsort(kept_hashes, kind="stable")[: self.max_calibration_rows]
-        self._calibration_hashes, self._calibration_features = kept_hashes[order], kept_features[order]
+        self._hashes.append(hashes[calibration])
+        self._features.append(log_sq_norms[calibration])
+        self._pending_rows += int(calibration.sum())
+        if self._pending_rows > 2 * self.max_calibration_rows:  # trim now and then, not on every batch
+            self._trim()
 
-    @property
-    def calibration_features(self) -> np.ndarray:
-        """(m, L) features of the calibration sample."""
-        return self._calibration_features
+    def _trim(self) -> None:
+        """Keep the `max_calibration_rows` calibration rows with the smallest hashes."""
+        hashes, features = np.concatenate(self._hashes), np.concatenate(self._features)
+        order = np.argsort(hashes, kind="stable")[: self.max_calibration_rows]
+        self._hashes, self._features = [hashes[order]], [features[order]]
+        self._pending_rows = len(order)
 
     def finish(self, false_positive_rate: float) -> tuple[GradNormDetector, TypicalityTest]:
         """The fitted per-row detector and the Typicality baseline."""
-        if self.stats.count < 2 or len(self._calibration_features) == 0:
+        self._trim()
+        calibration = self._features[0]
+        if self.stats.count < 2 or len(calibration) == 0:
             raise ValueError(
                 f"need at least 2 fit rows and 1 calibration row, got {self.stats.count} and "
-                f"{len(self._calibration_features)}; add rows or change calibration_fraction"
+                f"{len(calibration)}; add rows or change calibration_fraction"
             )
-        detector = GradNormDetector(false_positive_rate=false_positive_rate).fit_stats(
-            self.stats, self._calibration_features
-        )
+        detector = GradNormDetector(false_positive_rate=false_positive_rate).fit_stats(self.stats, calibration)
         return detector, TypicalityTest.from_entropy(self.nll_sum / self.nll_count)

@@ -1,0 +1,55 @@
+"""The fit reduce: the same detector whatever the batching and order, with a bounded calibration sample."""
+
+import numpy as np
+import pytest
+
+from fimood.detector import GradNormDetector
+from fimood.reduce import FitReduce, split_hash
+
+
+def _rows(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = [f"row-{i}" for i in range(n)]
+    return ids, rng.normal(size=(n, 4)) + np.arange(4), rng.normal(size=n)
+
+
+def _feed(reduce: FitReduce, ids, features, nll, batch: int, order: np.ndarray) -> FitReduce:
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
+        reduce.add([ids[i] for i in rows], features[rows], nll[rows])
+    return reduce
+
+
+def test_batching_and_order_do_not_change_the_fit():
+    ids, features, nll = _rows(600)
+    one, _ = _feed(FitReduce(4, 0.2), ids, features, nll, 600, np.arange(600)).finish(0.05)
+    many, typicality = _feed(
+        FitReduce(4, 0.2), ids, features, nll, 7, np.random.default_rng(1).permutation(600)
+    ).finish(0.05)
+    calibration = split_hash(ids) < 0.2
+    direct = GradNormDetector().fit(features[~calibration], features[calibration])
+    new = _rows(20, seed=2)[1]
+    for detector in (one, many):
+        np.testing.assert_allclose(detector.ood_score(new), direct.ood_score(new), rtol=1e-10)
+        assert detector.threshold_ == pytest.approx(direct.threshold_, rel=1e-10)
+    assert typicality.entropy_ == pytest.approx(nll[~calibration].mean())
+
+
+def test_calibration_sample_is_bounded_to_the_smallest_hashes_in_any_order():
+    ids, features, nll = _rows(2000)
+    fits = [
+        _feed(FitReduce(4, 0.5, max_calibration_rows=50), ids, features, nll, 16, order).finish(0.05)[0]
+        for order in (np.arange(2000), np.random.default_rng(3).permutation(2000))
+    ]
+    hashes = split_hash(ids)
+    smallest = np.argsort(hashes)[:50]
+    expected = np.sort(-GradNormDetector().fit(features[hashes >= 0.5]).density_.score_samples(features[smallest]))
+    for fit in fits:
+        assert len(fit.calibration_scores_) == 50
+        np.testing.assert_allclose(fit.calibration_scores_, expected, rtol=1e-10)
+
+
+def test_too_few_rows_is_a_clear_error():
+    ids, features, nll = _rows(1)
+    with pytest.raises(ValueError, match="need at least 2 fit rows and 1 calibration row"):
+        _feed(FitReduce(4, 0.2), ids, features, nll, 1, np.arange(1)).finish(0.05)
