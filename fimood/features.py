@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fimood.density import LOG_SQ_NORM_FLOOR
-from fimood.engine import grad_norms
+from fimood.engine import grad_norms, trainable_parameters
 from fimood.io import decode_cells
 from fimood.models.base import LikelihoodModel
 from fimood.models.grouped import GroupSum
@@ -81,7 +81,7 @@ def compute_features(
         result = grad_norms(scored, x, s, method)
         log_norms.append(log_sq_norms(result.sq_norms.detach().cpu().double().numpy()))
         nlls.append(result.nll.detach().cpu().double().numpy() / group_size)
-    n_features = sum(1 for p in model.parameters() if p.requires_grad)
+    n_features = len(trainable_parameters(model))
     return Features(
         log_sq_norms=np.concatenate(log_norms) if log_norms else np.zeros((0, n_features)),
         nll=np.concatenate(nlls) if nlls else np.zeros(0),
@@ -103,7 +103,7 @@ def featurize_rows(model: LikelihoodModel, ids: list[str], cells: list, *, metho
     This is the row boundary: a cell that cannot be decoded, a row the model fails on and a
     non-finite result each become that row's error, never a failed batch.
     """
-    n_features = sum(1 for p in model.parameters() if p.requires_grad)
+    n_features = len(trainable_parameters(model))
     images, errors = decode_cells(cells, model.image_shape)
     log_norms = np.full((len(ids), n_features), np.nan)
     nll = np.full(len(ids), np.nan)

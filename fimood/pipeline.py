@@ -28,6 +28,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.extensions import ArrowTensorArray
 
 from fimood.detector import Detector, DetectorSettings
+from fimood.engine import trainable_parameters
 from fimood.features import featurize_rows
 from fimood.models import load_model, load_model_with_hash
 from fimood.reduce import FitReduce
@@ -196,7 +197,7 @@ def fit(
     settings = settings or DetectorSettings(method=config.method, batch_size=config.batch_size)
     start_ray(config.address)
     model, model_sha256 = load_model_with_hash(model_url, config.storage_options)
-    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    names = [name for name, _ in trainable_parameters(model)]
     features = _rows(list_shards(data_url, config.input_format, config.storage_options), data_url, config)
     features = features.map_batches(
         FeatureActor,
