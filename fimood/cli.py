@@ -8,6 +8,7 @@ import logging
 import sys
 
 from fimood.engine import METHODS
+from fimood.scoring import DEFAULT_RULE, SCORING_RULES
 
 
 def _storage_options(text: str | None) -> dict | None:
@@ -62,8 +63,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         test_data_url=args.test_data,
         storage_options=args.storage_options,
     )
-    test = f", test {summary.test_bits_per_dim:.3f} bits/dim" if summary.test_bits_per_dim is not None else ""
-    print(f"trained {summary.steps} steps: train {summary.final_bits_per_dim:.3f} bits/dim{test}; saved to {args.out}")
+    test = f", test NLL {summary.test_nll:.3f} {summary.nll_unit}" if summary.test_nll is not None else ""
+    print(f"trained {summary.steps} steps: final training loss {summary.final_loss:.3f}{test}; saved to {args.out}")
 
 
 def _pipeline_config(args: argparse.Namespace):
@@ -78,6 +79,7 @@ def _pipeline_config(args: argparse.Namespace):
         cpus_per_actor=args.cpus_per_actor,
         method=args.method,
         address=args.address,
+        allowed_imports=tuple(args.allow_import),
         storage_options=args.storage_options,
     )
 
@@ -88,6 +90,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
     settings = DetectorSettings(
         method=args.method,
+        rule=args.rule,
         batch_size=args.batch_size,
         false_positive_rate=args.fpr,
         calibration_fraction=args.calibration_fraction,
@@ -100,7 +103,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"fit: {summary}")
     print(
         f"detector {detector_id}: {per_row.stats_.count} fit rows, {len(per_row.calibration_scores_)} calibration "
-        f"rows, {int(per_row.density_.kept_features_.sum())}/{len(detector.feature_names)} features kept, "
+        f"rows, {int(per_row.rule_.kept_features_.sum())}/{len(detector.feature_names)} features kept, "
         f"threshold {per_row.threshold_:.2f}; saved to {args.out}"
     )
 
@@ -123,11 +126,34 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         dict(args.ood_data),
         group_sizes=tuple(args.group_sizes),
         limit=args.limit,
+        allowed_imports=tuple(args.allow_import),
         storage_options=args.storage_options,
     )
     print(format_table(rows))
     if args.out:
         write_json(rows, args.out, storage_options=args.storage_options)
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    import time
+
+    from fimood.study import StudyConfig, run_study
+    from fimood.study_report import write_report
+
+    config = StudyConfig(
+        work=args.work,
+        models=tuple(args.models),
+        preset=args.preset,
+        train_steps=args.train_steps,
+        rows=args.rows,
+        fit_rows=args.fit_rows,
+        group_sizes=tuple(args.group_sizes),
+    )
+    start = time.perf_counter()
+    result = run_study(config)
+    command = "fimood " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    rule = write_report(result, config, args.out, command, time.perf_counter() - start)
+    print(f"wrote {args.out}/detection-study.md; the default-rule criterion picks {rule!r}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -197,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--rows-per-shard", type=int, default=10_000)
 
     train = command("train", "train a built-in likelihood model on a Parquet image table", cmd_train)
-    train.add_argument("--model", default="glow", choices=["glow"])
+    train.add_argument("--model", default="glow", choices=["glow", "vae", "ddpm"], help="ddpm needs fimood[diffusion]")
     train.add_argument("--data", required=True, help="training table URL")
     train.add_argument("--out", required=True, help="checkpoint folder URL")
-    train.add_argument("--preset", default="small", choices=["tiny", "small", "paper"])
+    train.add_argument("--preset", default="small", choices=["tiny", "small", "paper"], help="paper: Glow only")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, default=1500)
     length.add_argument("--epochs", type=float, default=None)
@@ -208,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--test-data", default=None, help="table to report test bits/dim on")
+
+    def allow_import(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--allow-import",
+            nargs="+",
+            default=[],
+            metavar="PACKAGE",
+            help="packages a checkpoint may name its model class from (your own model; docs/own-model.md)",
+        )
 
     def pipeline_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
@@ -228,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--image-column", default="image", help="column of encoded images or uint8 arrays")
         sub.add_argument("--id-column", default="id", help="row id column; when absent, ids are `<file>#<row>`")
+        allow_import(sub)
 
     fit = command(
         "fit", "fit the detector on in-distribution rows the model was not trained on (Ray pipeline)", cmd_fit
@@ -238,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--out", required=True, help="detector folder URL")
     fit.add_argument("--fpr", type=float, default=0.05, help="false-positive rate that sets the threshold")
+    fit.add_argument(
+        "--rule", default=DEFAULT_RULE, choices=sorted(SCORING_RULES), help="scoring rule (docs/scoring-rules.md)"
+    )
     fit.add_argument(
         "--calibration-fraction",
         type=float,
@@ -270,6 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--limit", type=int, default=None, help="first N rows of each table")
     evaluate.add_argument("--out", default=None, help="write the table as JSON here")
+    allow_import(evaluate)
+
+    study = command(
+        "study",
+        "train Glow, VAE and DDPM on FashionMNIST and compare every scoring rule and baseline on every OOD set",
+        cmd_study,
+    )
+    study.add_argument("--work", default="study-out", help="data and checkpoints (checkpoints found here are reused)")
+    study.add_argument("--out", default="docs", help="where the report, its JSON and the plot go")
+    study.add_argument("--models", nargs="+", default=["glow", "vae", "ddpm"], choices=["glow", "vae", "ddpm"])
+    study.add_argument("--preset", default="small", choices=["tiny", "small"])
+    study.add_argument("--train-steps", type=int, default=None, help="default: 1500 (Glow, VAE), 1200 (DDPM)")
+    study.add_argument("--rows", type=int, default=2000, help="rows of the held-out set and of each OOD set")
+    study.add_argument("--fit-rows", type=int, default=5000, help="in-distribution rows the detectors fit on")
+    study.add_argument("--group-sizes", type=int, nargs="+", default=[1, 5])
+    study.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
 
     demo = command("demo", "build demo data, train Glow on FashionMNIST, fit, evaluate vs MNIST and digits", cmd_demo)
     demo.add_argument("--out", default="demo-out")

@@ -34,7 +34,7 @@ class DemoResult:
     def report(self) -> str:
         return (
             f"Glow trained {self.train.steps} steps; FashionMNIST held-out test bits/dim: "
-            f"{self.train.test_bits_per_dim:.3f}\n\n{format_table(self.rows)}"
+            f"{self.train.test_nll:.3f}\n\n{format_table(self.rows)}"
         )
 
 
@@ -79,7 +79,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
     write_json(
         rows,
         join(config.out, "evaluation.json"),
-        {"test_bits_per_dim": trained.test_bits_per_dim, "train_steps": trained.steps},
+        {"test_nll": trained.test_nll, "train_steps": trained.steps},
     )
     scored = pipeline.score(detector_url, data["mnist"], join(config.out, "scores", "mnist"), run)
     return DemoResult(train=trained, rows=rows, score=scored)

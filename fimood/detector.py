@@ -1,4 +1,4 @@
-"""The OOD detector: the paper's density plus calibration, and its saved artifact.
+"""The OOD detector: a scoring rule plus calibration, and its saved artifact.
 
 `GradNormDetector` is a scikit-learn-like estimator over (n, L) log-norm features for one group
 size. `Detector` bundles one per group size with the model reference, the Typicality baseline and
@@ -15,27 +15,32 @@ import numpy as np
 import safetensors.numpy
 
 from fimood.baselines import TypicalityTest
-from fimood.density import DiagonalGaussian, FeatureStats
+from fimood.density import FeatureStats
+from fimood.scoring import DEFAULT_RULE, SCORING_RULES, make_rule
 from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: full co-moment matrix and a scoring rule
 MANIFEST_NAME = "manifest.json"
 ARRAYS_NAME = "arrays.safetensors"
 
 
 class GradNormDetector:
-    """Diagonal-Gaussian density over log gradient norms, with a calibrated threshold.
+    """A scoring rule over log gradient norms (`fimood.scoring`), with a calibrated threshold.
 
     Args:
+        rule: name of the scoring rule (see `fimood.scoring.SCORING_RULES`).
         false_positive_rate: share of in-distribution rows flagged at the threshold.
 
-    Attributes (after fit): stats_, density_, calibration_scores_ (sorted OOD scores of the
-    calibration rows), threshold_.
+    Attributes (after fit): stats_, rule_ (the fitted rule), calibration_scores_ (sorted OOD scores
+    of the calibration rows), threshold_.
     """
 
-    def __init__(self, *, false_positive_rate: float = 0.05):
+    def __init__(self, *, rule: str = DEFAULT_RULE, false_positive_rate: float = 0.05):
+        if rule not in SCORING_RULES:
+            raise ValueError(f"rule must be one of {sorted(SCORING_RULES)}, got {rule!r}")
         if not 0.0 < false_positive_rate < 1.0:
             raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate!r}")
+        self.rule = rule
         self.false_positive_rate = false_positive_rate
 
     def fit(self, features: np.ndarray, calibration: np.ndarray | None = None) -> GradNormDetector:
@@ -44,23 +49,22 @@ class GradNormDetector:
 
     def fit_stats(self, stats: FeatureStats, calibration: np.ndarray) -> GradNormDetector:
         """Fit from merged statistics (the distributed path), then calibrate on (m, L) features."""
-        self.stats_ = stats
-        self.density_ = DiagonalGaussian().fit_stats(stats)
-        scores = np.sort(-self.density_.score_samples(calibration))
-        if len(scores) == 0:
+        if len(calibration) == 0:
             raise ValueError("calibration needs at least one row")
-        self.calibration_scores_ = scores
-        self.threshold_ = float(np.quantile(scores, 1.0 - self.false_positive_rate, method="higher"))
+        self.stats_ = stats
+        self.rule_ = make_rule(self.rule).fit_stats(stats)
+        self.calibration_scores_ = np.sort(self.rule_.ood_score(calibration))
+        self.threshold_ = float(np.quantile(self.calibration_scores_, 1.0 - self.false_positive_rate, method="higher"))
         return self
 
     def score_samples(self, features: np.ndarray) -> np.ndarray:
-        """In-distribution log density Σℓ log N(fℓ; μℓ, σℓ); higher = more typical. Shape (n,)."""
-        self._check_fitted()
-        return self.density_.score_samples(features)
+        """The negated OOD score (for the paper's rule, the log density); higher = more typical. Shape (n,)."""
+        return -self.ood_score(features)
 
     def ood_score(self, features: np.ndarray) -> np.ndarray:
-        """Negated density; higher = more OOD. Shape (n,)."""
-        return -self.score_samples(features)
+        """The rule's score of (n, L) features; higher = more OOD. Shape (n,)."""
+        self._check_fitted()
+        return self.rule_.ood_score(features)
 
     def p_value(self, ood_scores: np.ndarray) -> np.ndarray:
         """(1 + #calibration rows scoring at least as high) / (1 + #calibration rows): a conformal p-value."""
@@ -74,7 +78,7 @@ class GradNormDetector:
         return np.asarray(ood_scores) > self.threshold_
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "density_"):
+        if not hasattr(self, "rule_"):
             raise RuntimeError("this GradNormDetector is not fitted yet; call fit or fit_stats first")
 
 
@@ -83,11 +87,14 @@ class DetectorSettings:
     """How features were computed and the detector fitted; stored in the manifest."""
 
     method: str = "auto"
+    rule: str = DEFAULT_RULE
     batch_size: int = 64
     false_positive_rate: float = 0.05
     calibration_fraction: float = 0.2
 
     def __post_init__(self) -> None:
+        if self.rule not in SCORING_RULES:
+            raise ValueError(f"rule must be one of {sorted(SCORING_RULES)}, got {self.rule!r}")
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction!r}")
         if self.batch_size < 1:
@@ -132,12 +139,12 @@ class Detector:
             stats = FeatureStats(
                 count=manifest["groups"][str(size)]["n_fit"],
                 mean=arrays[f"{key}.mean"],
-                m2=arrays[f"{key}.m2"],
+                comoment=arrays[f"{key}.comoment"],
                 n_at_floor=arrays[f"{key}.n_at_floor"],
             )
-            detector = GradNormDetector(false_positive_rate=settings.false_positive_rate)
+            detector = GradNormDetector(rule=settings.rule, false_positive_rate=settings.false_positive_rate)
             detector.stats_ = stats
-            detector.density_ = DiagonalGaussian().fit_stats(stats)
+            detector.rule_ = make_rule(settings.rule).fit_stats(stats)
             detector.calibration_scores_ = arrays[f"{key}.calibration_scores"]
             detector.threshold_ = manifest["groups"][str(size)]["threshold"]
             by_group[size] = detector
@@ -157,16 +164,16 @@ class Detector:
         for size, detector in sorted(self.by_group.items()):
             key = f"group{size}"
             arrays[f"{key}.mean"] = detector.stats_.mean
-            arrays[f"{key}.m2"] = detector.stats_.m2
+            arrays[f"{key}.comoment"] = detector.stats_.comoment
             arrays[f"{key}.n_at_floor"] = detector.stats_.n_at_floor
             arrays[f"{key}.calibration_scores"] = detector.calibration_scores_
             groups[str(size)] = {
                 "n_fit": detector.stats_.count,
                 "n_calibration": len(detector.calibration_scores_),
-                "n_features_kept": int(detector.density_.kept_features_.sum()),
+                "n_features_kept": int(detector.rule_.kept_features_.sum()),
                 "dropped_features": [
                     name
-                    for name, kept in zip(self.feature_names, detector.density_.kept_features_, strict=True)
+                    for name, kept in zip(self.feature_names, detector.rule_.kept_features_, strict=True)
                     if not kept
                 ],
                 "threshold": detector.threshold_,

@@ -70,7 +70,7 @@ def fit_grouped(detector: Detector, model: LikelihoodModel, fit_table: ImageTabl
             model, fit_table, group_size, settings.method, settings.batch_size, rows, f"{label} (group {group_size})"
         ).log_sq_norms
 
-    return GradNormDetector(false_positive_rate=settings.false_positive_rate).fit(
+    return GradNormDetector(rule=settings.rule, false_positive_rate=settings.false_positive_rate).fit(
         features(np.flatnonzero(~calibration), "fit"), features(np.flatnonzero(calibration), "calibration")
     )
 
@@ -133,10 +133,11 @@ def evaluate(
     *,
     group_sizes: tuple[int, ...] = (1,),
     limit: int | None = None,
+    allowed_imports: tuple[str, ...] = (),
     storage_options: StorageOptions = None,
 ) -> list[EvaluationRow]:
     """Read the in-distribution and OOD tables (and, for grouped variants, the fit rows) and evaluate."""
-    detector, model = load_detector_and_model(detector_url, storage_options)
+    detector, model = load_detector_and_model(detector_url, storage_options, allowed_imports)
 
     def read(url: str, rows: int | None = limit) -> ImageTable:
         return read_image_parquet(url, model.image_shape, limit=rows, storage_options=storage_options)

@@ -53,6 +53,7 @@ class PipelineConfig:
     cpus_per_actor: int = 1  # torch threads per model replica follow this (Ray sets OMP_NUM_THREADS)
     method: str = "auto"
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local Ray
+    allowed_imports: tuple[str, ...] = ()  # packages a checkpoint may name its model class from
     storage_options: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
@@ -91,9 +92,11 @@ def start_ray(address: str | None = None) -> None:
 class FeatureActor:
     """One model replica (on the GPU when the actor has one); maps a batch of rows to their features."""
 
-    def __init__(self, model_url: str, storage_options: StorageOptions, method: str):
+    def __init__(
+        self, model_url: str, storage_options: StorageOptions, method: str, allowed_imports: tuple[str, ...] = ()
+    ):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_url, storage_options).to(device)
+        self.model = load_model(model_url, storage_options, allowed_imports=allowed_imports).to(device)
         self.method = method
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -111,9 +114,15 @@ class ScoreActor:
     """A model replica plus the detector; maps a batch of rows to score-table rows."""
 
     def __init__(
-        self, model_url: str, storage_options: StorageOptions, method: str, detector: Detector, z_scores: bool
+        self,
+        model_url: str,
+        storage_options: StorageOptions,
+        method: str,
+        detector: Detector,
+        z_scores: bool,
+        allowed_imports: tuple[str, ...] = (),
     ):
-        self.features = FeatureActor(model_url, storage_options, method)
+        self.features = FeatureActor(model_url, storage_options, method, allowed_imports)
         self.detector, self.z_scores = detector, z_scores
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -143,8 +152,8 @@ def score_columns(detector: Detector, features: pa.Table, z_scores: bool = False
         "detector_id": pa.array([detector.detector_id] * len(failed), pa.string()),
     }
     if z_scores:
-        z = np.zeros((len(failed), int(per_row.density_.kept_features_.sum())))
-        z[~failed] = per_row.density_.z_scores(log_sq_norms)
+        z = np.zeros((len(failed), int(per_row.rule_.kept_features_.sum())))
+        z[~failed] = per_row.rule_.z_scores(log_sq_norms)
         columns["z_scores"] = pa.array(list(z), pa.list_(pa.float64()), mask=failed)
     for name, column in columns.items():
         table = table.append_column(name, column)
@@ -196,7 +205,9 @@ def fit(
     start = time.perf_counter()
     settings = settings or DetectorSettings(method=config.method, batch_size=config.batch_size)
     start_ray(config.address)
-    model, model_sha256 = load_model_with_hash(model_url, config.storage_options)
+    model, model_sha256 = load_model_with_hash(
+        model_url, config.storage_options, allowed_imports=config.allowed_imports
+    )
     names = [name for name, _ in trainable_parameters(model)]
     features = _rows(list_shards(data_url, config.input_format, config.storage_options), data_url, config)
     features = features.map_batches(
@@ -205,6 +216,7 @@ def fit(
             "model_url": model_url,
             "storage_options": config.storage_options,
             "method": config.method,
+            "allowed_imports": config.allowed_imports,
         },
         **_actor_options(config),
     )
@@ -217,7 +229,7 @@ def fit(
         reduce.add(ids, _matrix(batch, "log_sq_norms")[ok], batch.column("nll").to_numpy()[ok])
     if errors:
         logger.warning("left %d of %d rows out of the fit: they could not be scored", errors, rows)
-    per_row, typicality = reduce.finish(settings.false_positive_rate)
+    per_row, typicality = reduce.finish(settings.false_positive_rate, settings.rule)
     detector = Detector(
         model_uri=model_url,
         model_sha256=model_sha256,
@@ -247,7 +259,7 @@ def score(
     """
     start = time.perf_counter()
     start_ray(config.address)
-    detector, _ = load_detector_and_model(detector_url, config.storage_options)
+    detector, _ = load_detector_and_model(detector_url, config.storage_options, config.allowed_imports)
     fs, out_root = filesystem(out_url, config.storage_options)
     arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     shards = list_shards(data_url, config.input_format, config.storage_options)
@@ -267,6 +279,7 @@ def score(
                 "method": config.method,
                 "detector": detector,
                 "z_scores": z_scores,
+                "allowed_imports": config.allowed_imports,
             },
             **_actor_options(config),
         )

@@ -12,6 +12,7 @@ import numpy as np
 from fimood.baselines import TypicalityTest
 from fimood.density import FeatureStats
 from fimood.detector import GradNormDetector
+from fimood.scoring import DEFAULT_RULE
 
 
 def split_hash(ids: list[str]) -> np.ndarray:
@@ -63,7 +64,7 @@ class FitReduce:
         self._hashes, self._features = [hashes[order]], [features[order]]
         self._pending_rows = len(order)
 
-    def finish(self, false_positive_rate: float) -> tuple[GradNormDetector, TypicalityTest]:
+    def finish(self, false_positive_rate: float, rule: str = DEFAULT_RULE) -> tuple[GradNormDetector, TypicalityTest]:
         """The fitted per-row detector and the Typicality baseline."""
         self._trim()
         calibration = self._features[0]
@@ -72,5 +73,7 @@ class FitReduce:
                 f"need at least 2 fit rows and 1 calibration row, got {self.stats.count} and "
                 f"{len(calibration)}; add rows or change calibration_fraction"
             )
-        detector = GradNormDetector(false_positive_rate=false_positive_rate).fit_stats(self.stats, calibration)
+        detector = GradNormDetector(rule=rule, false_positive_rate=false_positive_rate).fit_stats(
+            self.stats, calibration
+        )
         return detector, TypicalityTest.from_entropy(self.nll_sum / self.nll_count)

@@ -60,7 +60,7 @@ def train(model: LikelihoodModel, images: np.ndarray, config: TrainConfig, progr
         cursor += config.batch_size
         x = to_pixels(images[rows], parameter.dtype, parameter.device)
         seeds = torch.randint(-(2**62), 2**62, (len(rows),), generator=generator).to(parameter.device)
-        loss = model.nll(x, seeds).mean()
+        loss = model.training_loss(x, seeds).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training diverged at step {step}: loss {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
@@ -71,15 +71,15 @@ def train(model: LikelihoodModel, images: np.ndarray, config: TrainConfig, progr
         losses.append(loss.item())
         if (step + 1) % config.log_every == 0:
             recent = float(np.mean(losses[-config.log_every :]))
-            bar.set_postfix(bits_per_dim=f"{recent:.3f}")
-            logger.info("step %d: %.4f bits/dim", step + 1, recent)
+            bar.set_postfix(loss=f"{recent:.3f}")
+            logger.info("step %d: loss %.4f", step + 1, recent)
     model.eval()
     return losses
 
 
 @torch.no_grad()
 def mean_nll(model: LikelihoodModel, images: np.ndarray, seeds: np.ndarray, batch_size: int = 256) -> float:
-    """Mean NLL (bits/dim for the built-in flows) of uint8 images under fixed per-row seeds."""
+    """Mean NLL (in the model's `nll_unit`) of uint8 images under fixed per-row seeds."""
     parameter = next(model.parameters())
     total = 0.0
     for start in range(0, len(images), batch_size):

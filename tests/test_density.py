@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from fimood.density import LOG_SQ_NORM_FLOOR, DiagonalGaussian, FeatureStats
+from fimood.density import LOG_SQ_NORM_FLOOR, FeatureStats
 from fimood.features import log_sq_norms
+from fimood.scoring import DiagonalGaussian
 
 
 @settings(max_examples=30, deadline=None)

@@ -96,7 +96,7 @@ def test_artifact_is_json_and_safetensors_only(tmp_path):
     _detector(np.random.default_rng(5)).save(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arrays.safetensors", "manifest.json"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["model"] == {"uri": "memory://model", "sha256": "ab" * 32}
     assert manifest["groups"]["1"]["n_fit"] == 300 and manifest["groups"]["1"]["n_calibration"] == 100
     assert sorted(manifest["groups"]) == ["1", "5"]

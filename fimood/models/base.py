@@ -19,6 +19,7 @@ class LikelihoodModel(nn.Module, ABC):
     """
 
     model_type: ClassVar[str] = ""
+    nll_unit: ClassVar[str] = "nats"  # what `nll` measures, for reports
     image_shape: tuple[int, int, int]  # (C, H, W) of the images `nll` takes
 
     @abstractmethod
@@ -33,8 +34,17 @@ class LikelihoodModel(nn.Module, ABC):
             (B,) losses; any positive scale (nats, bits/dim) is allowed.
         """
 
+    def training_loss(self, x: Tensor, seeds: Tensor) -> Tensor:
+        """Per-sample loss that training minimises (default: the NLL), shape (B,)."""
+        return self.nll(x, seeds)
+
     def initialize(self, x: Tensor) -> None:
         """Data-dependent initialisation, run once on the first training batch (default: none)."""
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LikelihoodModel:
+        """Rebuild from `config_dict()`'s output (default: keyword arguments of the constructor)."""
+        return cls(**config)
 
     def config_dict(self) -> dict[str, Any]:
         """The constructor settings as JSON-compatible values (built-in models override)."""

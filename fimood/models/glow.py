@@ -213,6 +213,7 @@ class Glow(LikelihoodModel):
     """Glow for images in [0, 1]; `nll` is bits per dimension of the dequantised image."""
 
     model_type = "glow"
+    nll_unit = "bits/dim"
 
     def __init__(self, config: GlowConfig | None = None, **overrides: Any):
         super().__init__()
@@ -228,6 +229,10 @@ class Glow(LikelihoodModel):
                 self.split_priors.append(ZeroConv2d(channels // 2, 2 * (channels - channels // 2)))
                 channels = channels // 2
         self.top_prior = LearnedPrior((2 * channels, height, width))
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Glow:
+        return cls(GlowConfig(**config))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,125 @@
+"""Scoring rules: each one's fit and score, fitted alike from one pass or from merged shards."""
+
+import numpy as np
+import pytest
+from sklearn.covariance import OAS
+
+from fimood.baselines import TypicalityTest
+from fimood.density import FeatureStats
+from fimood.detector import Detector, DetectorSettings, GradNormDetector
+from fimood.scoring import DEFAULT_RULE, SCORING_RULES, DiagonalGaussian, FullCovariance, OneSided, make_rule
+
+
+def correlated_features(rng: np.random.Generator, n: int, n_features: int = 6) -> np.ndarray:
+    """Log-norm-like features that move together, as layers' gradient norms do."""
+    shared = rng.normal(size=(n, 1))
+    return -5 + 2 * shared + 0.5 * rng.normal(size=(n, n_features)) + np.arange(n_features)
+
+
+def test_every_rule_is_registered_under_its_name_and_the_default_is_one_of_them():
+    assert sorted(SCORING_RULES) == ["full-cov", "one-sided", "paper"]
+    assert all(make_rule(name).name == name for name in SCORING_RULES)
+    assert DEFAULT_RULE in SCORING_RULES
+    with pytest.raises(ValueError, match="rule must be one of"):
+        make_rule("best")
+
+
+@pytest.mark.parametrize("name", sorted(SCORING_RULES))
+def test_a_rule_fitted_from_merged_shards_scores_like_one_fitted_on_all_rows(name):
+    rng = np.random.default_rng(0)
+    features = correlated_features(rng, 900)
+    merged = FeatureStats.empty(6)
+    for shard in np.array_split(features, [100, 101, 550]):  # uneven shards, one of a single row
+        merged = merged.merge(FeatureStats.from_array(shard))
+    test = correlated_features(rng, 50)
+    np.testing.assert_allclose(
+        make_rule(name).fit_stats(merged).ood_score(test), make_rule(name).fit(features).ood_score(test), rtol=1e-9
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SCORING_RULES))
+def test_each_rule_scores_one_value_per_row_and_refuses_before_fit_or_on_the_wrong_width(name):
+    rule = make_rule(name)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        rule.ood_score(np.zeros((1, 6)))
+    rule.fit(correlated_features(np.random.default_rng(1), 200))
+    assert rule.ood_score(np.zeros((3, 6))).shape == (3,)
+    with pytest.raises(ValueError, match=r"expected features of shape \(n, 6\)"):
+        rule.ood_score(np.zeros((3, 5)))
+
+
+def test_the_paper_rule_is_the_negated_sum_of_independent_gaussian_log_densities():
+    rng = np.random.default_rng(2)
+    fit, test = rng.normal(3, 2, size=(500, 4)), rng.normal(size=(5, 4))
+    mean, std = fit.mean(0), fit.std(0, ddof=1)
+    expected = (0.5 * ((test - mean) / std) ** 2 + np.log(std) + 0.5 * np.log(2 * np.pi)).sum(1)
+    np.testing.assert_allclose(DiagonalGaussian().fit(fit).ood_score(test), expected, rtol=1e-12)
+
+
+def test_the_one_sided_rule_counts_only_larger_than_usual_gradients():
+    rng = np.random.default_rng(3)
+    rule = OneSided().fit(rng.normal(size=(1000, 4)))
+    smaller, larger = rule.mean_ - 3 * rule.std_, rule.mean_ + 3 * rule.std_
+    assert rule.ood_score(smaller[None])[0] == 0.0
+    np.testing.assert_allclose(rule.ood_score(larger[None]), [4 * 0.5 * 9])
+    paper = DiagonalGaussian().fit(rng.normal(size=(1000, 4)))
+    assert paper.ood_score(smaller[None])[0] > paper.ood_score(paper.mean_[None])[0]  # the paper's rule is two-sided
+
+
+def test_full_covariance_uses_sklearns_oas_shrinkage_on_standardised_features():
+    rng = np.random.default_rng(4)
+    features = correlated_features(rng, 300)
+    rule = FullCovariance().fit(features)
+    z = (features - rule.mean_) / rule.std_
+    oas = OAS().fit(z)
+    assert rule.shrinkage_ == pytest.approx(oas.shrinkage_, rel=1e-9)
+    np.testing.assert_allclose(rule.correlation_, oas.covariance_, rtol=1e-9, atol=1e-12)
+
+
+def test_full_covariance_sees_a_row_that_breaks_the_layers_correlation():
+    rng = np.random.default_rng(5)
+    features = correlated_features(rng, 2000)
+    typical, broken = features.mean(0).copy(), features.mean(0).copy()
+    typical[:] += 1.0  # all layers larger together: common in-distribution
+    broken[:3] += 1.0  # half the layers larger, half smaller: never seen
+    broken[3:] -= 1.0
+    full, paper = FullCovariance().fit(features), DiagonalGaussian().fit(features)
+    assert full.ood_score(broken[None])[0] > full.ood_score(typical[None])[0]
+    assert paper.ood_score(broken[None])[0] == pytest.approx(paper.ood_score(typical[None])[0], rel=1e-9)
+
+
+def test_constant_features_are_dropped_by_every_rule():
+    rng = np.random.default_rng(6)
+    features = correlated_features(rng, 100)
+    features[:, 2] = 1.5
+    for name in SCORING_RULES:
+        rule = make_rule(name).fit(features)
+        assert rule.kept_features_.tolist() == [True, True, False, True, True, True]
+        assert np.isfinite(rule.ood_score(features)).all()
+
+
+@pytest.mark.parametrize("name", sorted(SCORING_RULES))
+def test_a_saved_detector_keeps_its_rule_and_scores_the_same(name, tmp_path):
+    rng = np.random.default_rng(7)
+    fit, calibration, test = correlated_features(rng, 400), correlated_features(rng, 100), correlated_features(rng, 9)
+    per_row = GradNormDetector(rule=name).fit(fit, calibration)
+    detector = Detector(
+        model_uri="memory://model",
+        model_sha256="cd" * 32,
+        feature_names=[f"f{i}" for i in range(6)],
+        settings=DetectorSettings(rule=name),
+        by_group={1: per_row},
+        typicality=TypicalityTest.from_entropy(1.0),
+    )
+    detector.save(str(tmp_path))
+    loaded = Detector.load(str(tmp_path)).by_group[1]
+    assert loaded.rule == name and loaded.rule_.name == name
+    np.testing.assert_allclose(loaded.ood_score(test), per_row.ood_score(test), rtol=1e-12)
+    assert loaded.threshold_ == per_row.threshold_
+
+
+def test_detector_settings_refuse_an_unknown_rule():
+    with pytest.raises(ValueError, match="rule must be one of"):
+        DetectorSettings(rule="nearest-neighbour")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        GradNormDetector(rule="nearest-neighbour")
