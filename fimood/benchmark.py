@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fimood.engine import grad_norms
-from fimood.models.glow import Glow, GlowConfig
+from fimood.models import Glow, GlowConfig, LikelihoodModel
 
 IMAGE_SHAPES = {"tiny": (1, 28, 28), "small": (1, 28, 28), "paper": (3, 32, 32)}
 ENGINE_METHODS = ("loop", "vmap")
@@ -21,6 +21,7 @@ ENGINE_METHODS = ("loop", "vmap")
 
 @dataclass(frozen=True)
 class BenchmarkRow:
+    model: str
     preset: str
     mode: str
     batch_size: int
@@ -37,7 +38,7 @@ def machine_name(device: torch.device) -> str:
     )
 
 
-def _plain_step(model: Glow, x: torch.Tensor, seeds: torch.Tensor) -> None:
+def _plain_step(model: LikelihoodModel, x: torch.Tensor, seeds: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
     model.nll(x, seeds).sum().backward()
 
@@ -59,15 +60,19 @@ def _time(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple[f
     return statistics.median(seconds), peak
 
 
-def _setup(preset: str, batch_size: int, device: torch.device) -> tuple[Glow, torch.Tensor, torch.Tensor]:
+def _setup(
+    model_type: str, preset: str, batch_size: int, device: torch.device
+) -> tuple[LikelihoodModel, torch.Tensor, torch.Tensor]:
+    from fimood.workflow import build_model
+
     torch.manual_seed(0)
-    model = Glow(GlowConfig.preset(preset, IMAGE_SHAPES[preset])).to(device)
+    model = build_model(model_type, preset, IMAGE_SHAPES[preset]).to(device)
     x = torch.rand(batch_size, *IMAGE_SHAPES[preset], device=device)
     model.initialize(x)
     return model, x, torch.arange(batch_size, device=device)
 
 
-def _step(mode: str, model: Glow, x: torch.Tensor, seeds: torch.Tensor, rows: int) -> Callable[[], object]:
+def _step(mode: str, model: LikelihoodModel, x: torch.Tensor, seeds: torch.Tensor, rows: int) -> Callable[[], object]:
     if mode == "plain":
         return functools.partial(_plain_step, model, x, seeds)
     return functools.partial(grad_norms, model, x[:rows], seeds[:rows], mode)
@@ -78,12 +83,12 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
 
 
-def _step_rss_mib(preset: str, batch_size: int, mode: str, rows: int) -> float:
+def _step_rss_mib(model_type: str, preset: str, batch_size: int, mode: str, rows: int) -> float:
     """Peak resident memory of one CPU step above the resident memory before it, in a fresh process.
 
     Linux's peak counter (VmHWM) is reset to the current size just before the step (clear_refs 5).
     """
-    model, x, seeds = _setup(preset, batch_size, torch.device("cpu"))
+    model, x, seeds = _setup(model_type, preset, batch_size, torch.device("cpu"))
     step = _step(mode, model, x, seeds, rows)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
@@ -93,7 +98,13 @@ def _step_rss_mib(preset: str, batch_size: int, mode: str, rows: int) -> float:
 
 
 def run_benchmark(
-    presets: list[str], methods: list[str], batch_size: int, loop_batch_size: int, repeats: int, device: str = "cpu"
+    presets: list[str],
+    methods: list[str],
+    batch_size: int,
+    loop_batch_size: int,
+    repeats: int,
+    device: str = "cpu",
+    model_type: str = "glow",
 ) -> list[BenchmarkRow]:
     """Time the plain step and each engine on each preset, same model and data; `loop` may use fewer rows.
 
@@ -102,17 +113,18 @@ def run_benchmark(
     target = torch.device(device)
     rows = []
     for preset in presets:
-        model, x, seeds = _setup(preset, batch_size, target)
+        model, x, seeds = _setup(model_type, preset, batch_size, target)
         per_image = {}
         for mode in ["plain", *methods]:
             n = loop_batch_size if mode == "loop" else batch_size
             seconds, peak = _time(_step(mode, model, x, seeds, n), target, repeats)
             if target.type == "cpu":
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
-                    peak = pool.apply(_step_rss_mib, (preset, batch_size, mode, n))
+                    peak = pool.apply(_step_rss_mib, (model_type, preset, batch_size, mode, n))
             per_image[mode] = seconds / n
             rows.append(
                 BenchmarkRow(
+                    model=model_type,
                     preset=preset,
                     mode=mode,
                     batch_size=n,
@@ -127,12 +139,12 @@ def run_benchmark(
 def format_rows(rows: list[BenchmarkRow], machine: str) -> str:
     lines = [
         f"machine: {machine}",
-        f"{'preset':<8}{'mode':<8}{'batch':>6}{'images/s':>12}{'vs plain':>10}{'peak MiB':>10}",
+        f"{'model':<7}{'preset':<8}{'mode':<8}{'batch':>6}{'images/s':>12}{'vs plain':>10}{'peak MiB':>10}",
     ]
     for row in rows:
         peak = f"{row.peak_memory_mib:.0f}"
         lines.append(
-            f"{row.preset:<8}{row.mode:<8}{row.batch_size:>6}{row.images_per_second:>12.1f}"
+            f"{row.model:<7}{row.preset:<8}{row.mode:<8}{row.batch_size:>6}{row.images_per_second:>12.1f}"
             f"{row.slowdown:>9.1f}x{peak:>10}"
         )
     return "\n".join(lines)

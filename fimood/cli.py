@@ -169,7 +169,9 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
 
     from fimood.benchmark import format_rows, machine_name, run_benchmark
 
-    rows = run_benchmark(args.presets, args.methods, args.batch_size, args.loop_batch_size, args.repeats, args.device)
+    rows = run_benchmark(
+        args.presets, args.methods, args.batch_size, args.loop_batch_size, args.repeats, args.device, args.model
+    )
     print(format_rows(rows, machine_name(torch.device(args.device))))
 
 
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", default="docs", help="where the report, its JSON and the plot go")
     study.add_argument("--models", nargs="+", default=["glow", "vae", "ddpm"], choices=["glow", "vae", "ddpm"])
     study.add_argument("--preset", default="small", choices=["tiny", "small"])
-    study.add_argument("--train-steps", type=int, default=None, help="default: 1500 (Glow, VAE), 1200 (DDPM)")
+    study.add_argument("--train-steps", type=int, default=None, help="default: 3750 (Glow), 1500 (VAE), 1200 (DDPM)")
     study.add_argument("--rows", type=int, default=2000, help="rows of the held-out set and of each OOD set")
     study.add_argument("--fit-rows", type=int, default=5000, help="in-distribution rows the detectors fit on")
     study.add_argument("--group-sizes", type=int, nargs="+", default=[1, 5])
@@ -333,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="auto", choices=METHODS)
 
     bench = command("benchmark", "images/s of the gradient engines vs a plain forward+backward", cmd_benchmark)
-    bench.add_argument("--presets", nargs="+", default=["small", "paper"], choices=["tiny", "small", "paper"])
+    bench.add_argument("--model", default="glow", choices=["glow", "vae", "ddpm"])
+    bench.add_argument(
+        "--presets", nargs="+", default=["small", "paper"], choices=["tiny", "small", "paper"], help="paper: Glow only"
+    )
     bench.add_argument("--methods", nargs="+", default=["loop", "vmap", "hooks"], choices=["loop", "vmap", "hooks"])
     bench.add_argument("--batch-size", type=int, default=64)
     bench.add_argument("--loop-batch-size", type=int, default=8, help="rows for `loop` (its cost is linear)")

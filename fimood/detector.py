@@ -16,7 +16,7 @@ import safetensors.numpy
 
 from fimood.baselines import TypicalityTest
 from fimood.density import FeatureStats
-from fimood.scoring import DEFAULT_RULE, SCORING_RULES, make_rule
+from fimood.scoring import DEFAULT_RULE, SCORING_RULES, conformal_p_values, make_rule
 from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
 
 FORMAT_VERSION = 2  # 2: full co-moment matrix and a scoring rule
@@ -48,11 +48,18 @@ class GradNormDetector:
         return self.fit_stats(FeatureStats.from_array(features), features if calibration is None else calibration)
 
     def fit_stats(self, stats: FeatureStats, calibration: np.ndarray) -> GradNormDetector:
-        """Fit from merged statistics (the distributed path), then calibrate on (m, L) features."""
+        """Fit from merged statistics (the distributed path), then calibrate on (m, L) features.
+
+        A rule that learns from calibration rows (`combined`) gets the even rows in the order given; the
+        odd rows set the threshold. The pipeline passes its calibration sample in id-hash order.
+        """
+        rule = make_rule(self.rule).fit_stats(stats)
+        if rule.learns_from_calibration:  # the rows that set the threshold stay apart from those the rule learns from
+            rule.calibrate(calibration[0::2])
+            calibration = calibration[1::2]
         if len(calibration) == 0:
-            raise ValueError("calibration needs at least one row")
-        self.stats_ = stats
-        self.rule_ = make_rule(self.rule).fit_stats(stats)
+            raise ValueError(f"calibration needs at least {2 if rule.learns_from_calibration else 1} rows")
+        self.stats_, self.rule_ = stats, rule
         self.calibration_scores_ = np.sort(self.rule_.ood_score(calibration))
         self.threshold_ = float(np.quantile(self.calibration_scores_, 1.0 - self.false_positive_rate, method="higher"))
         return self
@@ -69,8 +76,7 @@ class GradNormDetector:
     def p_value(self, ood_scores: np.ndarray) -> np.ndarray:
         """(1 + #calibration rows scoring at least as high) / (1 + #calibration rows): a conformal p-value."""
         self._check_fitted()
-        at_least = len(self.calibration_scores_) - np.searchsorted(self.calibration_scores_, ood_scores, side="left")
-        return (1.0 + at_least) / (1.0 + len(self.calibration_scores_))
+        return conformal_p_values(self.calibration_scores_, ood_scores)
 
     def predict(self, ood_scores: np.ndarray) -> np.ndarray:
         """True where a row is OOD at the calibrated threshold. Shape (n,)."""
@@ -144,7 +150,9 @@ class Detector:
             )
             detector = GradNormDetector(rule=settings.rule, false_positive_rate=settings.false_positive_rate)
             detector.stats_ = stats
-            detector.rule_ = make_rule(settings.rule).fit_stats(stats)
+            prefix = f"{key}.rule."
+            rule_state = {name[len(prefix) :]: array for name, array in arrays.items() if name.startswith(prefix)}
+            detector.rule_ = make_rule(settings.rule).fit_stats(stats).load_calibration_state(rule_state)
             detector.calibration_scores_ = arrays[f"{key}.calibration_scores"]
             detector.threshold_ = manifest["groups"][str(size)]["threshold"]
             by_group[size] = detector
@@ -167,6 +175,7 @@ class Detector:
             arrays[f"{key}.comoment"] = detector.stats_.comoment
             arrays[f"{key}.n_at_floor"] = detector.stats_.n_at_floor
             arrays[f"{key}.calibration_scores"] = detector.calibration_scores_
+            arrays.update({f"{key}.rule.{name}": array for name, array in detector.rule_.calibration_state().items()})
             groups[str(size)] = {
                 "n_fit": detector.stats_.count,
                 "n_calibration": len(detector.calibration_scores_),

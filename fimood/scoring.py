@@ -10,6 +10,10 @@ in how it adds them up. All use gradient features only, so all keep the method's
   Oracle Approximating Shrinkage (Chen et al., 2010): layers' norms move together, and this rule knows
   by how much. (OAS, not Ledoit–Wolf: LW's shrinkage needs per-row fourth moments, which mergeable
   sums of outer products do not hold; OAS needs only the covariance.)
+- `combined`: Fisher's combination, −2 Σ log pₖ, of the calibrated p-values of `one-sided` and
+  `full-cov`. They look in complementary directions: every layer's gradient larger than usual at
+  once (cheap for `full-cov`, whose main axis of variation that is) and a break in how layers
+  move together (invisible to `one-sided`). It needs held-out in-distribution rows (`calibrate`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class ScoringRule(ABC):
     """
 
     name: ClassVar[str]
+    learns_from_calibration: ClassVar[bool] = False  # True: `calibrate` must see held-out rows before scoring
 
     def fit(self, features: np.ndarray) -> ScoringRule:
         """Fit on (n_samples, n_features) log-norm features."""
@@ -47,6 +52,18 @@ class ScoringRule(ABC):
             raise ValueError("every feature has zero variance over the fit set; nothing to fit")
         self.n_features_in_ = len(self.mean_)
         self.n_samples_fit_ = stats.count
+        return self
+
+    def calibrate(self, features: np.ndarray) -> ScoringRule:
+        """Learn from held-out in-distribution rows (n, L), for rules that need them; the others keep as they are."""
+        return self
+
+    def calibration_state(self) -> dict[str, np.ndarray]:
+        """The arrays `calibrate` learned, saved with a detector (default: none)."""
+        return {}
+
+    def load_calibration_state(self, arrays: dict[str, np.ndarray]) -> ScoringRule:
+        """Restore what `calibration_state` returned (default: nothing to restore)."""
         return self
 
     def z_scores(self, features: np.ndarray) -> np.ndarray:
@@ -128,6 +145,52 @@ class FullCovariance(ScoringRule):
         return 0.5 * (whitened**2).sum(axis=0) + self._log_norm
 
 
+class FisherCombination(ScoringRule):
+    """−2 Σₖ log pₖ over the parts' conformal p-values against held-out in-distribution rows (Fisher, 1925).
+
+    Attributes (after fit and calibrate): parts_ (the fitted part rules), null_scores_ (part name →
+    sorted scores of the calibration rows).
+    """
+
+    name = "combined"
+    learns_from_calibration = True
+    part_names: ClassVar[tuple[str, ...]] = ("one-sided", "full-cov")
+
+    def fit_stats(self, stats: FeatureStats) -> FisherCombination:
+        super().fit_stats(stats)
+        self.parts_ = [make_rule(name).fit_stats(stats) for name in self.part_names]
+        return self
+
+    def calibrate(self, features: np.ndarray) -> FisherCombination:
+        features = self._check(features)
+        if len(features) == 0:
+            raise ValueError("the combined rule needs at least one calibration row")
+        self.null_scores_ = {part.name: np.sort(part.ood_score(features)) for part in self.parts_}
+        return self
+
+    def calibration_state(self) -> dict[str, np.ndarray]:
+        return dict(self.null_scores_)
+
+    def load_calibration_state(self, arrays: dict[str, np.ndarray]) -> FisherCombination:
+        self.null_scores_ = {name: arrays[name] for name in self.part_names}
+        return self
+
+    def ood_score(self, features: np.ndarray) -> np.ndarray:
+        features = self._check(features)
+        if not hasattr(self, "null_scores_"):
+            raise RuntimeError("the combined rule is not calibrated yet; call calibrate with held-out rows")
+        log_p = [
+            np.log(conformal_p_values(self.null_scores_[part.name], part.ood_score(features))) for part in self.parts_
+        ]
+        return -2.0 * np.sum(log_p, axis=0)
+
+
+def conformal_p_values(null_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(1 + #null scores at least as high) / (1 + #null scores), for sorted in-distribution `null_scores`."""
+    at_least = len(null_scores) - np.searchsorted(null_scores, scores, side="left")
+    return (1.0 + at_least) / (1.0 + len(null_scores))
+
+
 def oas_shrinkage(covariance: np.ndarray, n_samples: int) -> float:
     """Oracle Approximating Shrinkage intensity for an MLE covariance (Chen et al., 2010; sklearn's form)."""
     n_features = len(covariance)
@@ -138,9 +201,11 @@ def oas_shrinkage(covariance: np.ndarray, n_samples: int) -> float:
     return 1.0 if denominator == 0 else float(min(numerator / denominator, 1.0))
 
 
-DEFAULT_RULE = "paper"
+DEFAULT_RULE = "combined"  # chosen by the study's criterion (docs/scoring-rules.md, docs/detection-study.md)
 
-SCORING_RULES: dict[str, type[ScoringRule]] = {rule.name: rule for rule in (DiagonalGaussian, OneSided, FullCovariance)}
+SCORING_RULES: dict[str, type[ScoringRule]] = {
+    rule.name: rule for rule in (DiagonalGaussian, OneSided, FullCovariance, FisherCombination)
+}
 
 
 def make_rule(name: str) -> ScoringRule:

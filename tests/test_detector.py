@@ -8,6 +8,7 @@ import pytest
 from fimood.baselines import TypicalityTest
 from fimood.density import FeatureStats
 from fimood.detector import Detector, DetectorSettings, GradNormDetector
+from fimood.scoring import SCORING_RULES
 
 
 def _features(rng, n, shift=0.0):
@@ -26,16 +27,18 @@ def _detector(rng) -> Detector:
     )
 
 
-def test_threshold_flags_the_chosen_share_of_in_distribution_rows():
+@pytest.mark.parametrize("rule", sorted(SCORING_RULES))
+def test_threshold_flags_the_chosen_share_of_in_distribution_rows(rule):
     rng = np.random.default_rng(0)
-    detector = GradNormDetector(false_positive_rate=0.1).fit(_features(rng, 2000), _features(rng, 2000))
+    detector = GradNormDetector(rule=rule, false_positive_rate=0.1).fit(_features(rng, 2000), _features(rng, 2000))
     flagged = detector.predict(detector.ood_score(_features(rng, 5000))).mean()
     assert flagged == pytest.approx(0.1, abs=0.02)
 
 
-def test_p_values_are_calibrated_and_ordered_by_score():
+@pytest.mark.parametrize("rule", sorted(SCORING_RULES))
+def test_p_values_are_calibrated_and_ordered_by_score(rule):
     rng = np.random.default_rng(1)
-    detector = GradNormDetector().fit(_features(rng, 500), _features(rng, 999))
+    detector = GradNormDetector(rule=rule).fit(_features(rng, 500), _features(rng, 1999))
     scores = detector.ood_score(_features(rng, 4000))
     p = detector.p_value(scores)
     assert (p > 0).all() and (p <= 1).all()
@@ -98,5 +101,6 @@ def test_artifact_is_json_and_safetensors_only(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["format_version"] == 2
     assert manifest["model"] == {"uri": "memory://model", "sha256": "ab" * 32}
-    assert manifest["groups"]["1"]["n_fit"] == 300 and manifest["groups"]["1"]["n_calibration"] == 100
+    # the default rule (combined) learns from half the 100 calibration rows; the other half set the threshold
+    assert manifest["groups"]["1"]["n_fit"] == 300 and manifest["groups"]["1"]["n_calibration"] == 50
     assert sorted(manifest["groups"]) == ["1", "5"]

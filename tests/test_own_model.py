@@ -138,3 +138,14 @@ def test_a_checkpoint_may_only_name_a_likelihood_model(user_package, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="'module:Class'"):
         load_model(str(tmp_path / "ckpt"))
+
+
+def test_the_in_process_example_in_the_docs_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "own-model.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(example, "docs/own-model.md", "exec"), namespace)
+    assert namespace["features"].log_sq_norms.shape == (256, 4)
+    assert namespace["detector"].rule_.name == "one-sided"

@@ -6,14 +6,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import DAYS, read_scores
 
 from fimood import pipeline
 from fimood.data import load_source
-from fimood.detector import Detector
+from fimood.detector import Detector, DetectorSettings
 from fimood.features import compute_features, seeds_from_ids
 from fimood.io import encode_png
-from fimood.models import load_model
+from fimood.models import load_model, save_model
+from fimood.workflow import build_model
 
 
 def test_rows_in_equal_rows_out_and_partitions_are_kept(lake, tmp_path):
@@ -120,3 +122,27 @@ def test_image_files_and_pixel_arrays_are_read(lake, tmp_path):
         from_arrays.column("ood_score").to_numpy(), from_files.column("ood_score").to_numpy(), rtol=1e-6
     )
     assert len(from_arrays.column("z_scores")[0].as_py()) > 0
+
+
+@pytest.mark.parametrize(("model_type", "rule"), [("vae", "one-sided"), ("ddpm", "full-cov")])
+def test_every_built_in_model_and_rule_runs_through_the_pipeline(lake, tmp_path, model_type, rule):
+    pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = build_model(model_type, "tiny")
+    save_model(model, str(tmp_path / "model"))
+    settings = DetectorSettings(rule=rule, batch_size=32)
+    detector, summary = pipeline.fit(
+        str(tmp_path / "model"), lake["fit"], pipeline.PipelineConfig(batch_size=32), settings
+    )
+    assert summary.rows == 200 and summary.errors == 0 and detector.by_group[1].rule_.name == rule
+    detector.save(str(tmp_path / "detector"))
+    day = f"{lake['mnist']}/date={DAYS[1]}"
+    pipeline.score(str(tmp_path / "detector"), day, str(tmp_path / "scores"), pipeline.PipelineConfig(batch_size=32))
+    table = read_scores(str(tmp_path / "scores")).sort_by("id")
+    source = load_source("mnist", limit=120)
+    order = np.argsort(source.ids[70:])
+    images, ids = source.images[70:][order], [source.ids[70:][i] for i in order]
+    features = compute_features(load_model(str(tmp_path / "model")), images, seeds_from_ids(ids))
+    expected = Detector.load(str(tmp_path / "detector")).by_group[1].ood_score(features.log_sq_norms)
+    # float32 models: batches of 32 (pipeline) and 64 (here) sum in different orders; full-cov magnifies that
+    np.testing.assert_allclose(table.column("ood_score").to_numpy(), expected, rtol=1e-5)

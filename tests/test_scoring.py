@@ -7,7 +7,15 @@ from sklearn.covariance import OAS
 from fimood.baselines import TypicalityTest
 from fimood.density import FeatureStats
 from fimood.detector import Detector, DetectorSettings, GradNormDetector
-from fimood.scoring import DEFAULT_RULE, SCORING_RULES, DiagonalGaussian, FullCovariance, OneSided, make_rule
+from fimood.scoring import (
+    DEFAULT_RULE,
+    SCORING_RULES,
+    DiagonalGaussian,
+    FisherCombination,
+    FullCovariance,
+    OneSided,
+    make_rule,
+)
 
 
 def correlated_features(rng: np.random.Generator, n: int, n_features: int = 6) -> np.ndarray:
@@ -17,7 +25,7 @@ def correlated_features(rng: np.random.Generator, n: int, n_features: int = 6) -
 
 
 def test_every_rule_is_registered_under_its_name_and_the_default_is_one_of_them():
-    assert sorted(SCORING_RULES) == ["full-cov", "one-sided", "paper"]
+    assert sorted(SCORING_RULES) == ["combined", "full-cov", "one-sided", "paper"]
     assert all(make_rule(name).name == name for name in SCORING_RULES)
     assert DEFAULT_RULE in SCORING_RULES
     with pytest.raises(ValueError, match="rule must be one of"):
@@ -31,10 +39,10 @@ def test_a_rule_fitted_from_merged_shards_scores_like_one_fitted_on_all_rows(nam
     merged = FeatureStats.empty(6)
     for shard in np.array_split(features, [100, 101, 550]):  # uneven shards, one of a single row
         merged = merged.merge(FeatureStats.from_array(shard))
-    test = correlated_features(rng, 50)
-    np.testing.assert_allclose(
-        make_rule(name).fit_stats(merged).ood_score(test), make_rule(name).fit(features).ood_score(test), rtol=1e-9
-    )
+    held_out, test = correlated_features(rng, 100), correlated_features(rng, 50)
+    from_shards = make_rule(name).fit_stats(merged).calibrate(held_out)
+    from_all = make_rule(name).fit(features).calibrate(held_out)
+    np.testing.assert_allclose(from_shards.ood_score(test), from_all.ood_score(test), rtol=1e-9)
 
 
 @pytest.mark.parametrize("name", sorted(SCORING_RULES))
@@ -42,7 +50,7 @@ def test_each_rule_scores_one_value_per_row_and_refuses_before_fit_or_on_the_wro
     rule = make_rule(name)
     with pytest.raises(RuntimeError, match="not fitted"):
         rule.ood_score(np.zeros((1, 6)))
-    rule.fit(correlated_features(np.random.default_rng(1), 200))
+    rule.fit(correlated_features(np.random.default_rng(1), 200)).calibrate(np.zeros((5, 6)))
     assert rule.ood_score(np.zeros((3, 6))).shape == (3,)
     with pytest.raises(ValueError, match=r"expected features of shape \(n, 6\)"):
         rule.ood_score(np.zeros((3, 5)))
@@ -93,7 +101,7 @@ def test_constant_features_are_dropped_by_every_rule():
     features = correlated_features(rng, 100)
     features[:, 2] = 1.5
     for name in SCORING_RULES:
-        rule = make_rule(name).fit(features)
+        rule = make_rule(name).fit(features).calibrate(features[:20])
         assert rule.kept_features_.tolist() == [True, True, False, True, True, True]
         assert np.isfinite(rule.ood_score(features)).all()
 
@@ -123,3 +131,30 @@ def test_detector_settings_refuse_an_unknown_rule():
         DetectorSettings(rule="nearest-neighbour")
     with pytest.raises(ValueError, match="rule must be one of"):
         GradNormDetector(rule="nearest-neighbour")
+
+
+def test_the_combined_rule_is_fishers_method_over_its_parts_calibrated_p_values():
+    rng = np.random.default_rng(8)
+    fit, held_out, test = correlated_features(rng, 500), correlated_features(rng, 199), correlated_features(rng, 7)
+    rule = FisherCombination().fit(fit)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        rule.ood_score(test)
+    rule.calibrate(held_out)
+    expected = 0.0
+    for part in (OneSided().fit(fit), FullCovariance().fit(fit)):
+        null = part.ood_score(held_out)
+        p = (1 + (null[None, :] >= part.ood_score(test)[:, None]).sum(1)) / 200
+        expected = expected - 2 * np.log(p)
+    np.testing.assert_allclose(rule.ood_score(test), expected, rtol=1e-12)
+    both_high = rule.mean_ + 4 * rule.std_  # every layer larger together: one-sided's p-value is tiny
+    assert rule.ood_score(both_high[None])[0] > np.quantile(rule.ood_score(held_out), 0.99)
+
+
+def test_a_combined_detector_sets_its_threshold_on_rows_its_rule_did_not_learn_from():
+    rng = np.random.default_rng(9)
+    detector = GradNormDetector(rule="combined").fit(correlated_features(rng, 300), correlated_features(rng, 101))
+    assert len(detector.rule_.null_scores_["one-sided"]) == 51 and len(detector.calibration_scores_) == 50
+    with pytest.raises(ValueError, match="calibration needs at least 2 rows"):
+        GradNormDetector(rule="combined").fit(correlated_features(rng, 300), correlated_features(rng, 1))
+    paper = GradNormDetector(rule="paper").fit(correlated_features(rng, 300), correlated_features(rng, 101))
+    assert len(paper.calibration_scores_) == 101  # a rule that learns nothing from them keeps every row

@@ -1,0 +1,68 @@
+"""The detection study: every rule × model × OOD set × batch size, its report, and the default-rule criterion."""
+
+import json
+from itertools import product
+
+import numpy as np
+
+from fimood import study
+from fimood.scoring import SCORING_RULES
+from fimood.study import StudyConfig, StudyRow, made_up_sets, run_study
+from fimood.study_report import chosen_rule, write_report
+
+
+def test_made_up_ood_sets_are_transformations_of_the_in_distribution_rows():
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 1, 6, 6), dtype=np.uint8)
+    sets = made_up_sets(["a", "b", "c", "d"], images)
+    assert sorted(sets) == ["fashion-inverted", "fashion-vflip", "uniform-noise"]
+    np.testing.assert_array_equal(sets["fashion-vflip"][1][:, :, ::-1], images)
+    np.testing.assert_array_equal(sets["fashion-inverted"][1], 255 - images)
+    assert sets["uniform-noise"][1].shape == images.shape
+    all_ids = [i for ids, _ in sets.values() for i in ids]
+    assert len(set(all_ids)) == 12 and not set(all_ids) & {"a", "b", "c", "d"}  # own ids, own seeds
+
+
+def test_the_criterion_picks_the_best_mean_per_row_auroc_and_never_one_pair():
+    def row(method: str, ood_set: str, auroc: float, size: int = 1) -> StudyRow:
+        return StudyRow("glow", ood_set, size, method, auroc, 0.5, 10, 10)
+
+    rows = [
+        row("gradient:paper", "mnist", 0.99),  # wins one pair...
+        row("gradient:paper", "digits", 0.50),
+        row("gradient:one-sided", "mnist", 0.80),  # ...but this one wins on average
+        row("gradient:one-sided", "digits", 0.80),
+        row("gradient:full-cov", "mnist", 0.70),
+        row("gradient:full-cov", "digits", 0.70),
+        row("gradient:full-cov", "mnist", 1.00, size=5),  # batch 5 does not count
+    ]
+    assert chosen_rule(rows) == "one-sided"
+
+
+def test_the_study_scores_every_rule_model_ood_set_and_batch_size_and_writes_its_report(tmp_path, monkeypatch):
+    real_load_source = study.load_source
+    monkeypatch.setattr(study, "load_source", lambda name, split="test": real_load_source(name, split, limit=120))
+    config = StudyConfig(
+        work=str(tmp_path / "work"), preset="tiny", train_steps=2, rows=30, fit_rows=60, group_sizes=(1, 2)
+    )
+    result = run_study(config)
+    ood_sets = ["digits", "fashion-inverted", "fashion-vflip", "mnist", "uniform-noise"]
+    methods = [f"gradient:{rule}" for rule in SCORING_RULES] + ["typicality", "likelihood"]
+    expected = set(product(["glow", "vae", "ddpm"], ood_sets, [1, 2], methods))
+    assert {(r.model, r.ood_set, r.group_size, r.method) for r in result.rows} == expected
+    assert all(0.0 <= r.auroc <= 1.0 and 0.0 <= r.fpr95 <= 1.0 for r in result.rows)
+    assert {(r.n_id, r.n_ood) for r in result.rows if r.group_size == 2} == {(15, 15)}
+    assert result.models["glow"]["n_fit"] == sum(
+        study.split_hash([f"fashion-mnist/test/{i:05d}" for i in range(60)]) >= 0.2
+    )
+
+    command = "fimood study --preset tiny"
+    rule = write_report(result, config, str(tmp_path / "docs"), command, seconds=60.0)
+    report = (tmp_path / "docs" / "detection-study.md").read_text()
+    assert f"`{command}`" in report and f"picks **{rule}**" in report and "| vae | uniform-noise |" in report
+    document = json.loads((tmp_path / "docs" / "detection-study.json").read_text())
+    assert document["chosen_rule"] == rule and len(document["rows"]) == len(expected)
+    assert (tmp_path / "docs" / "detection-study-features.png").read_bytes()[:4] == b"\x89PNG"
+
+    first_hashes = {name: info["sha256"] for name, info in result.models.items()}
+    again = run_study(StudyConfig(**{**config.__dict__, "models": ("vae",), "group_sizes": (1,)}))
+    assert again.models["vae"]["sha256"] == first_hashes["vae"]  # checkpoints in `work` are reused
