@@ -7,11 +7,12 @@ import sys
 import pytest
 
 from fimood.cli import main
+from fimood.models import load_model
 
 
 def test_help_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "fimood.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "train", "fit", "score", "evaluate", "demo", "benchmark"):
+    for command in ("data", "train", "fit", "score", "evaluate", "study", "demo", "benchmark"):
         assert command in result.stdout
 
 
@@ -46,6 +47,17 @@ def test_data_train_fit_score_evaluate(ray_session, tmp_path, capsys):
     main([*evaluate, "--group-sizes", "1", "5", "--out", f"{d}/eval.json"])
     assert "gradient AUROC" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "eval.json").read_text())["rows"]) == 6
+
+
+@pytest.mark.parametrize(("model", "unit"), [("vae", "bits/dim (-ELBO)"), ("ddpm", "weighted noise error")])
+def test_train_builds_every_model_type(tmp_path, capsys, model, unit):
+    data = f"{tmp_path}/train"
+    main(["data", "fashion-mnist", "--out", data, "--limit", "40"])
+    train = ["train", "--model", model, "--preset", "tiny", "--steps", "2", "--batch-size", "8"]
+    main([*train, "--data", data, "--out", f"{tmp_path}/model", "--test-data", data])
+    out = capsys.readouterr().out
+    assert "trained 2 steps" in out and f"{unit}; saved to" in out
+    assert load_model(f"{tmp_path}/model").model_type == model
 
 
 def test_bad_arguments_exit_with_usage():
