@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from fimood.engine import grad_norms
-from fimood.models import Glow, GlowConfig, LikelihoodModel
+from fimood.models import LikelihoodModel
+from fimood.workflow import build_model
 
 IMAGE_SHAPES = {"tiny": (1, 28, 28), "small": (1, 28, 28), "paper": (3, 32, 32)}
 ENGINE_METHODS = ("loop", "vmap")
@@ -63,8 +64,6 @@ def _time(fn: Callable[[], None], device: torch.device, repeats: int) -> tuple[f
 def _setup(
     model_type: str, preset: str, batch_size: int, device: torch.device
 ) -> tuple[LikelihoodModel, torch.Tensor, torch.Tensor]:
-    from fimood.workflow import build_model
-
     torch.manual_seed(0)
     model = build_model(model_type, preset, IMAGE_SHAPES[preset]).to(device)
     x = torch.rand(batch_size, *IMAGE_SHAPES[preset], device=device)
@@ -176,7 +175,7 @@ def run_pipeline_benchmark(
     from fimood.models import load_model, save_model
 
     torch.manual_seed(0)
-    model = Glow(GlowConfig.preset(preset, IMAGE_SHAPES[preset]))
+    model = build_model("glow", preset, IMAGE_SHAPES[preset])
     images = np.random.default_rng(0).integers(0, 256, (rows, *IMAGE_SHAPES[preset]), dtype=np.uint8)
     model.initialize(torch.as_tensor(images[:64]).float() / 255)
     save_model(model, f"{workdir}/model")

@@ -16,7 +16,7 @@ import safetensors.numpy
 
 from fimood.baselines import TypicalityTest
 from fimood.density import FeatureStats
-from fimood.scoring import DEFAULT_RULE, SCORING_RULES, conformal_p_values, make_rule
+from fimood.scoring import DEFAULT_RULE, check_rule, conformal_p_values, make_rule
 from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
 
 FORMAT_VERSION = 2  # 2: full co-moment matrix and a scoring rule
@@ -36,8 +36,7 @@ class GradNormDetector:
     """
 
     def __init__(self, *, rule: str = DEFAULT_RULE, false_positive_rate: float = 0.05):
-        if rule not in SCORING_RULES:
-            raise ValueError(f"rule must be one of {sorted(SCORING_RULES)}, got {rule!r}")
+        check_rule(rule)
         if not 0.0 < false_positive_rate < 1.0:
             raise ValueError(f"false_positive_rate must be in (0, 1), got {false_positive_rate!r}")
         self.rule = rule
@@ -99,8 +98,7 @@ class DetectorSettings:
     calibration_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.rule not in SCORING_RULES:
-            raise ValueError(f"rule must be one of {sorted(SCORING_RULES)}, got {self.rule!r}")
+        check_rule(self.rule)
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction!r}")
         if self.batch_size < 1:

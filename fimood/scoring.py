@@ -208,8 +208,13 @@ SCORING_RULES: dict[str, type[ScoringRule]] = {
 }
 
 
-def make_rule(name: str) -> ScoringRule:
-    """A fresh, unfitted rule by name."""
+def check_rule(name: str) -> str:
+    """`name`, or a clear error when no rule has it."""
     if name not in SCORING_RULES:
         raise ValueError(f"rule must be one of {sorted(SCORING_RULES)}, got {name!r}")
-    return SCORING_RULES[name]()
+    return name
+
+
+def make_rule(name: str) -> ScoringRule:
+    """A fresh, unfitted rule by name."""
+    return SCORING_RULES[check_rule(name)]()

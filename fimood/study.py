@@ -19,6 +19,7 @@ import torch
 from fimood.baselines import TypicalityTest, likelihood_ood_score
 from fimood.data import load_source
 from fimood.density import FeatureStats
+from fimood.detector import DetectorSettings
 from fimood.engine import trainable_parameters
 from fimood.evaluate import table_features
 from fimood.features import Features
@@ -38,7 +39,7 @@ MODELS = ("glow", "vae", "ddpm")
 # VAE and DDPM: ~2 and ~6 min.
 TRAIN_STEPS = {"glow": 3750, "vae": 1500, "ddpm": 1200}
 BASELINES = ("typicality", "likelihood")
-CALIBRATION_FRACTION = 0.2
+CALIBRATION_FRACTION = DetectorSettings().calibration_fraction  # the pipeline's split
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 from typing import Any, ClassVar
 
 import torch
@@ -52,6 +53,25 @@ class LikelihoodModel(nn.Module, ABC):
 
     def forward(self, x: Tensor, seeds: Tensor | None = None) -> Tensor:
         return self.nll(x, seeds)
+
+
+class ConfiguredModel(LikelihoodModel):
+    """A model built from one config dataclass that holds `image_shape` (Glow, the VAE): the config is
+    what a checkpoint stores and what `from_config` rebuilds from."""
+
+    config_class: ClassVar[type]
+    config: Any  # an instance of config_class
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ConfiguredModel:
+        return cls(cls.config_class(**config))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.config.image_shape
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
 
 
 def validate_images(x: Tensor, image_shape: tuple[int, int, int]) -> None:

@@ -10,7 +10,7 @@ conditional prior at each split and a learned top prior. `paper` (hidden 512, K 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fimood.models import noise
-from fimood.models.base import LikelihoodModel, validate_images
+from fimood.models.base import ConfiguredModel, validate_images
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_channels": 8, "depth": 2, "levels": 2},
@@ -209,10 +209,11 @@ class GlowOutput:
     latents: list[Tensor] = field(default_factory=list)  # one (B, C_l, H_l, W_l) per level
 
 
-class Glow(LikelihoodModel):
+class Glow(ConfiguredModel):
     """Glow for images in [0, 1]; `nll` is bits per dimension of the dequantised image."""
 
     model_type = "glow"
+    config_class = GlowConfig
     nll_unit = "bits/dim"
 
     def __init__(self, config: GlowConfig | None = None, **overrides: Any):
@@ -229,17 +230,6 @@ class Glow(LikelihoodModel):
                 self.split_priors.append(ZeroConv2d(channels // 2, 2 * (channels - channels // 2)))
                 channels = channels // 2
         self.top_prior = LearnedPrior((2 * channels, height, width))
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Glow:
-        return cls(GlowConfig(**config))
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.config.image_shape
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
 
     def initialize(self, x: Tensor) -> None:
         """Data-dependent ActNorm initialisation (Kingma & Dhariwal §3.1) from one batch."""

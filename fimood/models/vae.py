@@ -9,15 +9,14 @@ pixel: not a likelihood of the data.) The one latent sample per row comes from t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fimood.models import noise
-from fimood.models.base import LikelihoodModel, validate_images
+from fimood.models.base import ConfiguredModel, validate_images
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"hidden_channels": 4, "latent_dim": 4},
@@ -68,11 +67,12 @@ def discretized_logistic_log_prob(x: Tensor, mean: Tensor, log_scale: Tensor, n_
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_survival_minus, log_mass))
 
 
-class VAE(LikelihoodModel):
+class VAE(ConfiguredModel):
     """Encoder: two stride-2 convolutions and a linear map to (μ, log σ²); decoder: the mirror image with
     nearest upsampling + 3×3 convolutions, ending in a per-pixel logistic mean and log-scale."""
 
     model_type = "vae"
+    config_class = VAEConfig
     nll_unit = "bits/dim (-ELBO)"
 
     def __init__(self, config: VAEConfig | None = None):
@@ -101,17 +101,6 @@ class VAE(LikelihoodModel):
             nn.SiLU(),
             nn.Conv2d(hidden, 2 * channels, 3, padding=1),
         )
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> VAE:
-        return cls(VAEConfig(**config))
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.config.image_shape
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
 
     def nll(self, x: Tensor, seeds: Tensor | None = None) -> Tensor:
         """−ELBO in bits/dim with one latent sample per row (its posterior mean without a seed), shape (B,)."""
