@@ -160,6 +160,8 @@ def _features(
 def run_study(config: StudyConfig) -> StudyResult:
     """Data → train each model (a checkpoint already in `work` is reused) → evaluate every rule."""
     urls = write_study_data(config.work, config.rows, config.fit_rows, config.seed)
+    evaluated = {key: url for key, url in urls.items() if key != "fashion-mnist-train"}
+    tables_by_shape: dict[tuple[int, int, int], dict[str, ImageTable]] = {}  # decoded once, shared by the models
     result = StudyResult(rows=[])
     for name in config.models:
         model_url = join(config.work, "models", name)
@@ -176,9 +178,11 @@ def run_study(config: StudyConfig) -> StudyResult:
         n_parameters = sum(p.numel() for p in model.parameters())
         result.models[name] = {"sha256": sha256, "nll_unit": model.nll_unit, "parameters": n_parameters}
         result.feature_names[name] = [n for n, _ in trainable_parameters(model)]
-        evaluated = {key: url for key, url in urls.items() if key != "fashion-mnist-train"}
-        tables = {key: read_image_parquet(url, model.image_shape) for key, url in evaluated.items()}
-        evaluate_model(name, model, tables, config, result)
+        if model.image_shape not in tables_by_shape:
+            tables_by_shape[model.image_shape] = {
+                key: read_image_parquet(url, model.image_shape) for key, url in evaluated.items()
+            }
+        evaluate_model(name, model, tables_by_shape[model.image_shape], config, result)
     return result
 
 
