@@ -49,7 +49,7 @@ class GradNormDetector:
     def fit_stats(self, stats: FeatureStats, calibration: np.ndarray) -> GradNormDetector:
         """Fit from merged statistics (the distributed path), then calibrate on (m, L) features.
 
-        A rule that learns from calibration rows (`combined`) gets the even rows in the order given; the
+        A rule that learns from calibration rows (the `combined` ones) gets the even rows in the order given; the
         odd rows set the threshold. The pipeline passes its calibration sample in id-hash order.
         """
         rule = make_rule(self.rule).fit_stats(stats)

@@ -14,6 +14,10 @@ in how it adds them up. All use gradient features only, so all keep the method's
   `full-cov`. They look in complementary directions: every layer's gradient larger than usual at
   once (cheap for `full-cov`, whose main axis of variation that is) and a break in how layers
   move together (invisible to `one-sided`). It needs held-out in-distribution rows (`calibrate`).
+- `combined-typical`: as `combined`, with `full-cov`'s p-value two-sided. In many dimensions an
+  in-distribution row's Mahalanobis distance concentrates around its typical value, so a distance
+  unusually *small* is as atypical as one unusually large (the typical-set argument Nalisnick et al.,
+  2019, make for the likelihood itself).
 """
 
 from __future__ import annotations
@@ -154,17 +158,17 @@ class FisherCombination(ScoringRule):
 
     name = "combined"
     learns_from_calibration = True
-    part_names: ClassVar[tuple[str, ...]] = ("one-sided", "full-cov")
+    part_tails: ClassVar[dict[str, str]] = {"one-sided": "upper", "full-cov": "upper"}  # part → p-value tail
 
     def fit_stats(self, stats: FeatureStats) -> FisherCombination:
         super().fit_stats(stats)
-        self.parts_ = [make_rule(name).fit_stats(stats) for name in self.part_names]
+        self.parts_ = [make_rule(name).fit_stats(stats) for name in self.part_tails]
         return self
 
     def calibrate(self, features: np.ndarray) -> FisherCombination:
         features = self._check(features)
         if len(features) == 0:
-            raise ValueError("the combined rule needs at least one calibration row")
+            raise ValueError(f"the {self.name} rule needs at least one calibration row")
         self.null_scores_ = {part.name: np.sort(part.ood_score(features)) for part in self.parts_}
         return self
 
@@ -172,23 +176,43 @@ class FisherCombination(ScoringRule):
         return dict(self.null_scores_)
 
     def load_calibration_state(self, arrays: dict[str, np.ndarray]) -> FisherCombination:
-        self.null_scores_ = {name: arrays[name] for name in self.part_names}
+        self.null_scores_ = {name: arrays[name] for name in self.part_tails}
         return self
 
     def ood_score(self, features: np.ndarray) -> np.ndarray:
         features = self._check(features)
         if not hasattr(self, "null_scores_"):
-            raise RuntimeError("the combined rule is not calibrated yet; call calibrate with held-out rows")
-        log_p = [
-            np.log(conformal_p_values(self.null_scores_[part.name], part.ood_score(features))) for part in self.parts_
+            raise RuntimeError(f"the {self.name} rule is not calibrated yet; call calibrate with held-out rows")
+        p_values = [
+            conformal_p_values(self.null_scores_[part.name], part.ood_score(features), self.part_tails[part.name])
+            for part in self.parts_
         ]
-        return -2.0 * np.sum(log_p, axis=0)
+        return -2.0 * np.sum(np.log(p_values), axis=0)
 
 
-def conformal_p_values(null_scores: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """(1 + #null scores at least as high) / (1 + #null scores), for sorted in-distribution `null_scores`."""
+class TypicalFisherCombination(FisherCombination):
+    """`combined` with `full-cov`'s p-value two-sided: a row too close to the mean is atypical too."""
+
+    name = "combined-typical"
+    part_tails: ClassVar[dict[str, str]] = {"one-sided": "upper", "full-cov": "two-sided"}
+
+
+def conformal_p_values(null_scores: np.ndarray, scores: np.ndarray, tail: str = "upper") -> np.ndarray:
+    """Conformal p-values of `scores` against sorted in-distribution `null_scores`.
+
+    upper: (1 + #null at least as high) / (1 + #null); lower: the same with "at most";
+    two-sided: min(1, 2·min(upper, lower)).
+    """
     at_least = len(null_scores) - np.searchsorted(null_scores, scores, side="left")
-    return (1.0 + at_least) / (1.0 + len(null_scores))
+    upper = (1.0 + at_least) / (1.0 + len(null_scores))
+    if tail == "upper":
+        return upper
+    lower = (1.0 + np.searchsorted(null_scores, scores, side="right")) / (1.0 + len(null_scores))
+    if tail == "lower":
+        return lower
+    if tail == "two-sided":
+        return np.minimum(1.0, 2.0 * np.minimum(upper, lower))
+    raise ValueError(f"tail must be 'upper', 'lower' or 'two-sided', got {tail!r}")
 
 
 def oas_shrinkage(covariance: np.ndarray, n_samples: int) -> float:
@@ -204,7 +228,8 @@ def oas_shrinkage(covariance: np.ndarray, n_samples: int) -> float:
 DEFAULT_RULE = "combined"  # chosen by the study's criterion (docs/scoring-rules.md, docs/detection-study.md)
 
 SCORING_RULES: dict[str, type[ScoringRule]] = {
-    rule.name: rule for rule in (DiagonalGaussian, OneSided, FullCovariance, FisherCombination)
+    rule.name: rule
+    for rule in (DiagonalGaussian, OneSided, FullCovariance, FisherCombination, TypicalFisherCombination)
 }
 
 

@@ -133,8 +133,9 @@ def write_report(result: StudyResult, config: StudyConfig, out: str, command: st
         "# Detection study: scoring rules × models × OOD sets",
         f"Made by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d} ({machine()}; {seconds / 60:.0f} min).",
         "In-distribution: FashionMNIST. Each model trains on the train split; the rules fit on the first half "
-        "of the test split (a fifth of it, by id hash, held out to calibrate the `combined` rule); the held-out set "
-        f"is {config.rows} rows of the second half. OOD sets: MNIST, scikit-learn's 8×8 digits (upsampled), and "
+        "of the test split (a fifth of it, by id hash, held out to calibrate the rules that learn from held-out "
+        f"rows); the held-out set is {config.rows} rows of the second half. OOD sets: MNIST, scikit-learn's "
+        "8×8 digits (upsampled), and "
         "three made up from the held-out rows: `fashion-vflip` (upside down), `fashion-inverted` (255 − pixel), "
         "`uniform-noise`. Each cell is AUROC / FPR at 95% TPR (OOD is the positive class); the best AUROC of a "
         "line is in bold. Rules: docs/scoring-rules.md.",

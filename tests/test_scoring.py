@@ -14,6 +14,8 @@ from fimood.scoring import (
     FisherCombination,
     FullCovariance,
     OneSided,
+    TypicalFisherCombination,
+    conformal_p_values,
     make_rule,
 )
 
@@ -25,7 +27,7 @@ def correlated_features(rng: np.random.Generator, n: int, n_features: int = 6) -
 
 
 def test_every_rule_is_registered_under_its_name_and_the_default_is_one_of_them():
-    assert sorted(SCORING_RULES) == ["combined", "full-cov", "one-sided", "paper"]
+    assert sorted(SCORING_RULES) == ["combined", "combined-typical", "full-cov", "one-sided", "paper"]
     assert all(make_rule(name).name == name for name in SCORING_RULES)
     assert DEFAULT_RULE in SCORING_RULES
     with pytest.raises(ValueError, match="rule must be one of"):
@@ -148,6 +150,39 @@ def test_the_combined_rule_is_fishers_method_over_its_parts_calibrated_p_values(
     np.testing.assert_allclose(rule.ood_score(test), expected, rtol=1e-12)
     both_high = rule.mean_ + 4 * rule.std_  # every layer larger together: one-sided's p-value is tiny
     assert rule.ood_score(both_high[None])[0] > np.quantile(rule.ood_score(held_out), 0.99)
+
+
+def test_conformal_p_values_count_the_null_scores_in_the_asked_tail():
+    null = np.array([1.0, 2.0, 2.0, 3.0])  # sorted, as the rules keep them
+    scores = np.array([0.0, 2.0, 5.0])
+    np.testing.assert_allclose(conformal_p_values(null, scores), [5 / 5, 4 / 5, 1 / 5])
+    np.testing.assert_allclose(conformal_p_values(null, scores, "lower"), [1 / 5, 4 / 5, 5 / 5])
+    np.testing.assert_allclose(conformal_p_values(null, scores, "two-sided"), [2 / 5, 1.0, 2 / 5])
+    with pytest.raises(ValueError, match="tail must be"):
+        conformal_p_values(null, scores, "left")
+
+
+def test_combined_typical_is_fishers_method_with_full_covs_p_value_two_sided():
+    rng = np.random.default_rng(10)
+    fit, held_out, test = correlated_features(rng, 500), correlated_features(rng, 199), correlated_features(rng, 7)
+    rule = TypicalFisherCombination().fit(fit).calibrate(held_out)
+    one_sided, full = OneSided().fit(fit), FullCovariance().fit(fit)
+    p_upper = (1 + (one_sided.ood_score(held_out)[None, :] >= one_sided.ood_score(test)[:, None]).sum(1)) / 200
+    null, scores = full.ood_score(held_out), full.ood_score(test)
+    p_high = (1 + (null[None, :] >= scores[:, None]).sum(1)) / 200
+    p_low = (1 + (null[None, :] <= scores[:, None]).sum(1)) / 200
+    p_two_sided = np.minimum(1, 2 * np.minimum(p_high, p_low))
+    np.testing.assert_allclose(rule.ood_score(test), -2 * np.log(p_upper) - 2 * np.log(p_two_sided), rtol=1e-12)
+
+
+def test_a_row_too_close_to_the_in_distribution_mean_is_atypical_only_for_combined_typical():
+    rng = np.random.default_rng(11)
+    fit, held_out = correlated_features(rng, 2000, n_features=40), correlated_features(rng, 999, n_features=40)
+    mean_row = fit.mean(0)[None]  # in 40 dimensions no in-distribution row is this close to the mean
+    typical = TypicalFisherCombination().fit(fit).calibrate(held_out)
+    combined = FisherCombination().fit(fit).calibrate(held_out)
+    assert typical.ood_score(mean_row)[0] > np.quantile(typical.ood_score(held_out), 0.95)
+    assert combined.ood_score(mean_row)[0] < np.median(combined.ood_score(held_out))
 
 
 def test_a_combined_detector_sets_its_threshold_on_rows_its_rule_did_not_learn_from():
