@@ -10,6 +10,11 @@ def likelihood_ood_score(nll: np.ndarray) -> np.ndarray:
     return np.asarray(nll, dtype=np.float64)
 
 
+def baseline_scores(typicality: TypicalityTest, nll: np.ndarray) -> dict[str, np.ndarray]:
+    """Both likelihood baselines' OOD scores (higher = more OOD) for the same rows or groups."""
+    return {"typicality": typicality.ood_score(nll), "likelihood": likelihood_ood_score(nll)}
+
+
 class TypicalityTest:
     """Nalisnick et al. (2019): how far a row's (or group's mean) NLL is from the fit set's mean NLL.
 

@@ -148,6 +148,7 @@ def cmd_study(args: argparse.Namespace) -> None:
         rows=args.rows,
         fit_rows=args.fit_rows,
         group_sizes=tuple(args.group_sizes),
+        seed=args.seed,
     )
     start = time.perf_counter()
     result = run_study(config)
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--rows", type=int, default=2000, help="rows of the held-out set and of each OOD set")
     study.add_argument("--fit-rows", type=int, default=5000, help="in-distribution rows the detectors fit on")
     study.add_argument("--group-sizes", type=int, nargs="+", default=[1, 5])
+    study.add_argument(
+        "--seed", type=int, default=0, help="seeds the training of models trained here and the made-up OOD sets"
+    )
     study.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
 
     demo = command("demo", "build demo data, train Glow on FashionMNIST, fit, evaluate vs MNIST and digits", cmd_demo)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fimood.baselines import likelihood_ood_score
+from fimood.baselines import baseline_scores
 from fimood.detector import Detector, GradNormDetector
 from fimood.features import Features, compute_features, seeds_from_ids
 from fimood.io import ImageTable, read_image_parquet
@@ -77,11 +77,7 @@ def fit_grouped(detector: Detector, model: LikelihoodModel, fit_table: ImageTabl
 
 def method_scores(density: GradNormDetector, detector: Detector, features: Features) -> dict[str, np.ndarray]:
     """OOD scores (higher = more OOD) of each method for the same rows or groups."""
-    return {
-        "gradient": density.ood_score(features.log_sq_norms),
-        "typicality": detector.typicality.ood_score(features.nll),
-        "likelihood": likelihood_ood_score(features.nll),
-    }
+    return {"gradient": density.ood_score(features.log_sq_norms)} | baseline_scores(detector.typicality, features.nll)
 
 
 def evaluate_tables(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fimood.baselines import TypicalityTest, likelihood_ood_score
+from fimood.baselines import TypicalityTest, baseline_scores
 from fimood.data import load_source
 from fimood.density import FeatureStats
 from fimood.detector import DetectorSettings
@@ -112,10 +112,8 @@ def write_study_data(work: str, rows: int, fit_rows: int, seed: int = 0) -> dict
 
 def score_methods(rules: list[ScoringRule], typicality: TypicalityTest, features: Features) -> dict[str, np.ndarray]:
     """OOD scores (higher = more OOD) of every rule and baseline for the same rows or groups."""
-    scores = {f"gradient:{rule.name}": rule.ood_score(features.log_sq_norms) for rule in rules}
-    scores["typicality"] = typicality.ood_score(features.nll)
-    scores["likelihood"] = likelihood_ood_score(features.nll)
-    return scores
+    gradient = {f"gradient:{rule.name}": rule.ood_score(features.log_sq_norms) for rule in rules}
+    return gradient | baseline_scores(typicality, features.nll)
 
 
 def evaluate_model(
