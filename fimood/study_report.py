@@ -1,17 +1,23 @@
-"""The detection study's outputs: a Markdown report, its JSON, and a plot of per-layer features."""
+"""The detection study's outputs: a Markdown report, its JSON, and plots of the features."""
 
 from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fimood.scoring import DEFAULT_RULE, SCORING_RULES
+from fimood.metrics import detection_metrics
+from fimood.scoring import DEFAULT_RULE, SCORING_RULES, DiagonalGaussian
 from fimood.storage import join, write_bytes
 from fimood.study import BASELINES, StudyConfig, StudyResult, StudyRow, machine, mean_auroc
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure  # matplotlib is the optional `plot` extra
 
 # Stated before any figure was made; the study only applies it (docs/scoring-rules.md).
 DEFAULT_RULE_CRITERION = (
@@ -92,13 +98,70 @@ def models_table(result: StudyResult) -> str:
     return "\n".join(lines)
 
 
-def plot_feature_distributions(result: StudyResult, model: str, path: str, n_panels: int = 12) -> None:
-    """Histograms of log‖∇θℓ‖² for layers spread through `model`: held-out FashionMNIST against each OOD set."""
+@dataclass(frozen=True)
+class PrincipalAxes:
+    """The top principal axes of in-distribution features' correlation, to see where other rows sit on them."""
+
+    standardised: DiagonalGaussian  # fitted on the in-distribution rows; its z-scores standardise any rows
+    axes: np.ndarray  # (n_kept, n_axes), scaled so that coordinates are in in-distribution standard deviations
+    shares: np.ndarray  # each axis's share of the in-distribution variance
+
+    @classmethod
+    def fit(cls, in_distribution: np.ndarray, n_axes: int) -> PrincipalAxes:
+        """Axes oriented so that every layer's gradient growing moves along them positively."""
+        standardised = DiagonalGaussian().fit(in_distribution)
+        eigenvalues, eigenvectors = np.linalg.eigh(np.corrcoef(standardised.z_scores(in_distribution), rowvar=False))
+        order = np.argsort(eigenvalues)[::-1][:n_axes]
+        axes = eigenvectors[:, order] * np.where(eigenvectors[:, order].sum(0) < 0, -1.0, 1.0)
+        return cls(standardised, axes / np.sqrt(eigenvalues[order]), eigenvalues[order] / len(eigenvalues))
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """(n, n_axes) coordinates of rows' features."""
+        return self.standardised.z_scores(features) @ self.axes
+
+
+def geometry_table(result: StudyResult, n_axes: int = 3) -> str:
+    """Markdown: where each OOD set's per-row features sit along the in-distribution's main axes."""
+    header = " | ".join(f"axis {k + 1}" for k in range(n_axes))
+    lines = [f"| model | set | {header} | AUROC along axis 1 |", "|---|---|" + "---|" * (n_axes + 1)]
+    for model, sets in result.features.items():
+        axes = PrincipalAxes.fit(sets["fashion-mnist"], n_axes)
+        shares = " | ".join(f"{share:.0%} of the variance" for share in axes.shares)
+        lines.append(f"| {model} | (axis) | {shares} | |")
+        in_distribution = axes.project(sets["fashion-mnist"])
+        for name, features in sets.items():
+            if name == "fashion-mnist":
+                continue
+            coordinates = axes.project(features)
+            spreads = zip(coordinates.mean(0), coordinates.std(0), strict=True)
+            cells = " | ".join(f"{mean:+.2f} / {spread:.2f}" for mean, spread in spreads)
+            auroc = detection_metrics(in_distribution[:, 0], coordinates[:, 0]).auroc
+            lines.append(f"| {model} | {name} | {cells} | {auroc:.3f} |")
+    return "\n".join(lines)
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only Agg backend: the study runs on headless machines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_figure(figure: Figure, path: str, dpi: int) -> None:
+    """Lay out, write as PNG to any fsspec URL, and free the figure."""
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(figure)
+    write_bytes(path, buffer.getvalue())
+
+
+def plot_feature_distributions(result: StudyResult, model: str, path: str, n_panels: int = 12) -> None:
+    """Histograms of log‖∇θℓ‖² for layers spread through `model`: held-out FashionMNIST against each OOD set."""
+    plt = pyplot()
     names = result.feature_names[model]
     sets = result.features[model]
     picks = np.unique(np.linspace(0, len(names) - 1, n_panels).round().astype(int))
@@ -115,15 +178,35 @@ def plot_feature_distributions(result: StudyResult, model: str, path: str, n_pan
         axis.axis("off")
     axes.flat[0].legend(fontsize=7)
     figure.suptitle(f"{model}: per-layer features, held-out FashionMNIST (in-distribution) vs OOD sets")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    plt.close(figure)
-    write_bytes(path, buffer.getvalue())
+    write_figure(figure, path, dpi=90)
+
+
+def plot_principal_axes(result: StudyResult, model: str, path: str, max_points: int = 1000) -> None:
+    """Scatter of every set's rows along the in-distribution's first two principal axes, one panel per OOD set."""
+    plt = pyplot()
+    sets = result.features[model]
+    axes = PrincipalAxes.fit(sets["fashion-mnist"], 2)
+    in_distribution = axes.project(sets["fashion-mnist"])[:max_points]
+    ood = {name: axes.project(features)[:max_points] for name, features in sets.items() if name != "fashion-mnist"}
+    # a few far rows (noise) would squeeze every panel: the view holds 99% of the points
+    low, high = np.percentile(np.concatenate([in_distribution, *ood.values()]), [0.5, 99.5], axis=0)
+    figure, panels = plt.subplots(1, len(ood), figsize=(4 * len(ood), 4), sharex=True, sharey=True)
+    for panel, (name, coordinates) in zip(np.atleast_1d(panels), ood.items(), strict=True):
+        panel.scatter(*in_distribution.T, s=3, alpha=0.4, label="fashion-mnist (held out)")
+        panel.scatter(*coordinates.T, s=3, alpha=0.4, label=name)
+        panel.set_title(name, fontsize=9)
+        panel.set_xlabel(f"axis 1, common mode ({axes.shares[0]:.0%})", fontsize=8)
+        panel.legend(fontsize=7, markerscale=3)
+    first, margin = np.atleast_1d(panels)[0], 0.05 * (high - low)
+    first.set_xlim(low[0] - margin[0], high[0] + margin[0])  # shared by every panel
+    first.set_ylim(low[1] - margin[1], high[1] + margin[1])
+    first.set_ylabel(f"axis 2 ({axes.shares[1]:.0%})", fontsize=8)
+    figure.suptitle(f"{model}: per-row features along the in-distribution's first two principal axes (ID std units)")
+    write_figure(figure, path, dpi=80)
 
 
 def write_report(result: StudyResult, config: StudyConfig, out: str, command: str, seconds: float) -> str:
-    """Write `detection-study.md`, `detection-study.json` and the plot under `out`; returns the chosen rule."""
+    """Write `detection-study.md`, `detection-study.json` and the two plots under `out`; returns the chosen rule."""
     rule = chosen_rule(result.rows)
     group_sizes = sorted({r.group_size for r in result.rows})
     means = ", ".join(f"{name} {mean_auroc(result.rows, f'gradient:{name}'):.3f}" for name in SCORING_RULES)
@@ -157,6 +240,16 @@ def write_report(result: StudyResult, config: StudyConfig, out: str, command: st
         summary_table(result.rows, rule),
         "## Per-layer features",
         f"![per-layer feature distributions of {plot_model}](detection-study-features.png)",
+        "## Where the OOD rows sit",
+        "Axis k is the k-th principal axis of the held-out in-distribution rows' standardised features, oriented "
+        "so that every layer's gradient growing moves along it positively (axis 1 is then the common mode: all "
+        "layers larger together). Each cell is an OOD set's mean / spread along the axis, in in-distribution "
+        "standard deviations (the in-distribution rows: +0.00 / 1.00). A set that moves about one standard "
+        "deviation along an axis that carries much of the variance, with a small spread, sits inside the "
+        "in-distribution bulk, where a density of these features finds its rows ordinary; the last column is what "
+        "a test looking only along axis 1, one-sided, would reach (per row).",
+        geometry_table(result),
+        f"![{plot_model}: rows along the first two axes](detection-study-axes.png)",
     ]
     write_bytes(join(out, "detection-study.md"), ("\n\n".join(sections) + "\n").encode())
     document = {
@@ -169,4 +262,5 @@ def write_report(result: StudyResult, config: StudyConfig, out: str, command: st
     }
     write_bytes(join(out, "detection-study.json"), json.dumps(document, indent=2).encode())
     plot_feature_distributions(result, plot_model, join(out, "detection-study-features.png"))
+    plot_principal_axes(result, plot_model, join(out, "detection-study-axes.png"))
     return rule

@@ -8,7 +8,7 @@ import numpy as np
 from fimood import study
 from fimood.scoring import SCORING_RULES
 from fimood.study import StudyConfig, StudyRow, made_up_sets, run_study
-from fimood.study_report import chosen_rule, write_report
+from fimood.study_report import PrincipalAxes, chosen_rule, write_report
 
 
 def test_made_up_ood_sets_are_transformations_of_the_in_distribution_rows():
@@ -38,6 +38,19 @@ def test_the_criterion_picks_the_best_mean_per_row_auroc_and_never_one_pair():
     assert chosen_rule(rows) == "one-sided"
 
 
+def test_principal_axes_measure_rows_in_in_distribution_standard_deviations_with_the_common_mode_first():
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(4000, 1))
+    features = -5 + 2 * shared + 0.5 * rng.normal(size=(4000, 8)) + np.arange(8)
+    axes = PrincipalAxes.fit(features, n_axes=3)
+    coordinates = axes.project(features)
+    np.testing.assert_allclose(coordinates.mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(coordinates.std(0), 1.0, rtol=1e-3)
+    assert axes.shares[0] > 0.9 and (np.diff(axes.shares) <= 0).all()
+    all_larger = features.mean(0) + features.std(0)  # every layer one standard deviation up together
+    assert abs(axes.project(all_larger[None])[0, 0] - 1.0) < 0.05  # one standard deviation along the common mode
+
+
 def test_the_study_scores_every_rule_model_ood_set_and_batch_size_and_writes_its_report(tmp_path, monkeypatch):
     real_load_source = study.load_source
     monkeypatch.setattr(study, "load_source", lambda name, split="test": real_load_source(name, split, limit=120))
@@ -62,6 +75,8 @@ def test_the_study_scores_every_rule_model_ood_set_and_batch_size_and_writes_its
     document = json.loads((tmp_path / "docs" / "detection-study.json").read_text())
     assert document["chosen_rule"] == rule and len(document["rows"]) == len(expected)
     assert (tmp_path / "docs" / "detection-study-features.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Where the OOD rows sit" in report and "| ddpm | digits | " in report
+    assert (tmp_path / "docs" / "detection-study-axes.png").read_bytes()[:4] == b"\x89PNG"
 
     first_hashes = {name: info["sha256"] for name, info in result.models.items()}
     again = run_study(StudyConfig(**{**config.__dict__, "models": ("vae",), "group_sizes": (1,)}))
