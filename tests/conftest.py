@@ -7,21 +7,26 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pytest
 import torch
 from torch import Tensor, nn
 
-from fimood import pipeline
-from fimood.data import load_source
-from fimood.io import write_image_parquet
+from fimood import passes
+from fimood.apps.datasets import load_source
+from fimood.lake.commit import read_committed
+from fimood.lake.tables import write_image_parquet
 from fimood.models import Glow, GlowConfig, LikelihoodModel, save_model
-from fimood.train import TrainConfig, train
+from fimood.models.training import TrainConfig, train
 
 # A loopback test cluster and its clients run without Ray's token auth (production keeps it on).
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray's command line from this interpreter's own environment: PATH may not hold a `ray` (a fresh machine's
+# does not, as the README runs the tests) or may hold another one.
+RAY_COMMAND = (sys.executable, "-m", "ray.scripts.scripts")
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def free_port() -> int:
@@ -42,7 +47,7 @@ def ray_session(tmp_path_factory):
     gcs_port, dashboard_port = free_port(), free_port()
     head = subprocess.Popen(
         [
-            "ray",
+            *RAY_COMMAND,
             "start",
             "--head",
             "--block",
@@ -58,6 +63,8 @@ def ray_session(tmp_path_factory):
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # the workers can import the test modules, as a real cluster's can import a user's package (runtime_env)
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))},
     )
     try:
         ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="WARNING")
@@ -124,10 +131,9 @@ def assert_rel_close(actual: Tensor, expected: Tensor, rtol: float = 1e-6) -> No
 DAYS = ("2026-11-25", "2026-11-26")
 
 
-def read_scores(url: str) -> pa.Table:
-    return pads.dataset(
-        url, format="parquet", partitioning="hive", exclude_invalid_files=True, ignore_prefixes=["_", "."]
-    ).to_table()
+def read_scores(url: str, storage_options: dict | None = None) -> pa.Table:
+    """Every committed score row under `url`, as a reader that honours the commit markers sees it."""
+    return read_committed(url, storage_options)
 
 
 @pytest.fixture(scope="session")
@@ -137,14 +143,14 @@ def lake(tmp_path_factory, ray_session):
     fashion = load_source("fashion-mnist", "test", limit=400)
     mnist = load_source("mnist", limit=120)
     torch.manual_seed(0)
-    model = Glow(GlowConfig.preset("tiny"))
+    model = Glow.from_preset("tiny")
     train(model, fashion.images[:200], TrainConfig(steps=15, batch_size=32, warmup_steps=5), progress=False)
     urls = {"model": str(root / "model"), "fit": str(root / "fit"), "mnist": str(root / "mnist")}
     save_model(model, urls["model"])
     write_image_parquet(urls["fit"], fashion.ids[200:], fashion.images[200:], rows_per_shard=50)
     for day, rows in zip(DAYS, (slice(0, 70), slice(70, 120)), strict=True):
         write_image_parquet(f"{urls['mnist']}/date={day}", mnist.ids[rows], mnist.images[rows], rows_per_shard=32)
-    detector, summary = pipeline.fit(urls["model"], urls["fit"], pipeline.PipelineConfig(batch_size=32))
+    detector, summary = passes.fit(urls["model"], urls["fit"], passes.PipelineConfig(batch_size=32))
     assert summary.rows == 200 and summary.errors == 0
     urls["detector"] = str(root / "detector")
     detector.save(urls["detector"])

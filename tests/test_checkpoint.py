@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_glow
 
-from fimood.models import load_model, load_model_with_hash, save_model
+from fimood.models import base, load_model, load_model_with_hash, save_model
 
 
 @pytest.mark.parametrize("root", ["memory://models/glow", "local"])
@@ -39,3 +39,21 @@ def test_unknown_model_type_is_refused(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_model(str(tmp_path / "absent"))
+
+
+def test_a_checkpoint_is_marked_present_only_once_its_weights_are_written(tmp_path, monkeypatch):
+    written = []
+    real_write = base.write_bytes
+
+    def record(url, data, storage_options=None):
+        written.append(url.rsplit("/", 1)[-1])
+        if written[-1] == "config.json":
+            raise KeyboardInterrupt("killed before the marker")
+        real_write(url, data, storage_options)
+
+    monkeypatch.setattr(base, "write_bytes", record)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(tiny_glow(dtype=torch.float32), str(tmp_path))
+    assert written == ["model.safetensors", "config.json"]
+    with pytest.raises(FileNotFoundError, match="no model checkpoint at"):
+        load_model(str(tmp_path))

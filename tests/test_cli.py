@@ -1,19 +1,53 @@
-"""The `fimood` command: help, every subcommand on small inputs, and the demo."""
+"""The `fimood` command: help, every subcommand on small inputs, user errors as one line, and the demo."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from fimood.cli import main
+from fimood.cli import COMMANDS, build_parser, main
 from fimood.models import load_model
 
 
-def test_help_lists_every_command():
+def test_help_lists_every_command_and_each_command_has_its_own_help():
     result = subprocess.run([sys.executable, "-m", "fimood.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("data", "train", "fit", "score", "evaluate", "study", "demo", "benchmark"):
-        assert command in result.stdout
+    listed = re.findall(r"^    ([\w-]+)", result.stdout, re.M)
+    assert listed == list(COMMANDS) == [
+        "data", "train", "fit", "score", "evaluate", "study", "demo", "benchmark", "benchmark-pipeline"
+    ]  # fmt: skip
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for name, module in COMMANDS.items():
+        assert subcommands[name].description == module.HELP
+        options = {option for action in subcommands[name]._actions for option in action.option_strings}
+        assert "--storage-options" in options and "--help" in options
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", "--model", "/no/such/model", "--data", "/no/such/data", "--out", "x"], "no model checkpoint at"),
+        (["score", "--detector", "/no/such/detector", "--data", "d", "--out", "o"], "no such file"),
+        (["data", "mnist", "--out", "x", "--storage-options", '{"secret": "s3cr3t"'], "is not valid JSON"),
+        (["fit", "--model", "m", "--data", "d", "--out", "o", "--calibration-fraction", "2"], "calibration_fraction"),
+    ],
+)
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path, capsys, argv, message):
+    code = _exit_status(lambda: main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and message in err[-1] and "Traceback" not in "\n".join(err) and "s3cr3t" not in "\n".join(err)
+
+
+def _exit_status(call) -> int:
+    """The exit status of a CLI call, whether it returns it or argparse exits with it."""
+    try:
+        return call()
+    except SystemExit as exit_:
+        return exit_.code
 
 
 def test_data_train_fit_score_evaluate(ray_session, tmp_path, capsys):
@@ -60,11 +94,29 @@ def test_train_builds_every_model_type(tmp_path, capsys, model, unit):
     assert load_model(f"{tmp_path}/model").model_type == model
 
 
+def test_score_exits_non_zero_naming_the_partitions_it_could_not_commit(lake, tmp_path, capsys):
+    bad = tmp_path / "lake" / "date=bad"
+    bad.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a", "b"], "image": [b"junk", b"junk"]}), bad / "part.parquet")
+    score = ["score", "--detector", lake["detector"], "--data", str(tmp_path / "lake"), "--out", str(tmp_path / "out")]
+    assert main(score) == 1
+    assert "date=bad" in capsys.readouterr().err and not (tmp_path / "out" / "date=bad" / "_SUCCESS").exists()
+    assert main([*score, "--max-error-fraction", "1"]) == 0
+
+
 def test_bad_arguments_exit_with_usage():
     with pytest.raises(SystemExit):
         main(["evaluate", "--detector", "x", "--id-data", "y", "--ood-data", "no-equals-sign"])
     with pytest.raises(SystemExit):
-        main(["fit", "--model", "m", "--data", "d", "--out", "o", "--method", "fast"])
+        main(["fit", "--model", "m", "--data", "d", "--out", "o", "--engine", "fast"])
+
+
+def test_benchmark_pipeline_prints_every_mode_and_its_ratios(ray_session, capsys):
+    assert main(["benchmark-pipeline", "--rows", "64", "--preset", "tiny", "--partitions", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("in-process", "fit (cold)", "fit (warm)", "score, 1 partition", "score, 4 partitions"):
+        assert re.search(rf"^{re.escape(mode)} +64 rows .* rows/s .*x in-process", out, re.M), out
+    assert re.search(r"^score, 4 partitions vs 1 partition \(medians\): \d+\.\d\dx$", out, re.M)
 
 
 @pytest.mark.slow
@@ -75,3 +127,19 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert {row["group_size"] for row in evaluation["rows"]} == {1, 5}
     assert (tmp_path / "scores" / "mnist" / "_SUCCESS").exists()
+
+
+@pytest.mark.slow
+def test_a_local_run_is_quiet(lake, tmp_path):
+    """As a new user runs it: a fresh local Ray, token authentication on. No Ray warning, no C++ error line."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    command = [sys.executable, "-m", "fimood.cli", "fit", "--model", lake["model"], "--data", lake["fit"]]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path / "detector")],
+        capture_output=True,
+        text=True,
+        env={**env, "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0 and "fit: 200 rows (0 errors)" in result.stdout, result.stderr[-2000:]
+    assert "Token authentication" not in result.stderr and "WARNING" not in result.stderr
+    assert not re.search(r"^\[[\d\- :,]+ E \d+", result.stderr, re.M), result.stderr[-2000:]

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from fimood.density import LOG_SQ_NORM_FLOOR, FeatureStats
-from fimood.features import log_sq_norms
-from fimood.scoring import DiagonalGaussian
+from fimood.method.features import log_sq_norms
+from fimood.method.scoring import DiagonalGaussian
+from fimood.method.statistics import LOG_SQ_NORM_FLOOR, FeatureStats
 
 
 @settings(max_examples=30, deadline=None)

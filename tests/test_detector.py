@@ -5,19 +5,19 @@ import json
 import numpy as np
 import pytest
 
-from fimood.baselines import TypicalityTest
-from fimood.density import FeatureStats
-from fimood.detector import Detector, DetectorSettings, GradNormDetector
-from fimood.scoring import SCORING_RULES
+from fimood.method.baselines import TypicalityTest
+from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
+from fimood.method.scoring import SCORING_RULES
+from fimood.method.statistics import FeatureStats
 
 
 def _features(rng, n, shift=0.0):
     return rng.normal(loc=shift, size=(n, 6)) + np.arange(6)
 
 
-def _detector(rng) -> Detector:
+def _detector(rng) -> DetectorArtifact:
     by_group = {size: GradNormDetector().fit(_features(rng, 300), _features(rng, 100)) for size in (1, 5)}
-    return Detector(
+    return DetectorArtifact(
         model_uri="memory://model",
         model_sha256="ab" * 32,
         feature_names=[f"p{i}" for i in range(6)],
@@ -83,7 +83,7 @@ def test_save_load_round_trip_gives_identical_scores(root, tmp_path):
     rng = np.random.default_rng(4)
     detector = _detector(rng)
     detector_id = detector.save(url)
-    loaded = Detector.load(url)
+    loaded = DetectorArtifact.load(url)
     new = _features(rng, 20)
     for size in (1, 5):
         np.testing.assert_array_equal(loaded.by_group[size].ood_score(new), detector.by_group[size].ood_score(new))
@@ -99,8 +99,22 @@ def test_artifact_is_json_and_safetensors_only(tmp_path):
     _detector(np.random.default_rng(5)).save(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arrays.safetensors", "manifest.json"]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3 and manifest["settings"]["engine"] == "auto"
     assert manifest["model"] == {"uri": "memory://model", "sha256": "ab" * 32}
     # the default rule (combined) learns from half the 100 calibration rows; the other half set the threshold
     assert manifest["groups"]["1"]["n_fit"] == 300 and manifest["groups"]["1"]["n_calibration"] == 50
     assert sorted(manifest["groups"]) == ["1", "5"]
+
+
+def test_a_format_2_detector_still_loads_and_scores_the_same(tmp_path):
+    """Format 2 called the gradient-engine setting `method`; nothing else changed."""
+    detector = _detector(np.random.default_rng(6))
+    detector.save(str(tmp_path))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    manifest["settings"]["method"] = manifest["settings"].pop("engine")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = DetectorArtifact.load(str(tmp_path))
+    new = _features(np.random.default_rng(7), 5)
+    assert loaded.settings == detector.settings
+    np.testing.assert_array_equal(loaded.by_group[1].ood_score(new), detector.by_group[1].ood_score(new))

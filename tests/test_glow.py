@@ -9,7 +9,7 @@ from fimood.models.glow import ActNorm, AffineCoupling, InvConv1x1
 
 
 def test_paper_preset_matches_the_paper_size():
-    model = Glow(GlowConfig.preset("paper", (3, 32, 32)))
+    model = Glow.from_preset("paper")
     params = list(model.parameters())
     assert len(params) == 1351
     assert abs(sum(p.numel() for p in params) / 1e6 - 44.2) < 0.1
@@ -29,7 +29,7 @@ def test_bad_config_is_refused_with_a_clear_error(config, message):
 
 def test_unknown_preset_is_named_in_the_error():
     with pytest.raises(ValueError, match="'huge'"):
-        GlowConfig.preset("huge")
+        Glow.from_preset("huge")
 
 
 def _jacobian_log_det(layer, x):

@@ -5,7 +5,7 @@ import torch
 from conftest import assert_rel_close, tiny_glow
 
 from fimood.engine import grad_norms
-from fimood.models import Glow, GlowConfig, noise
+from fimood.models import Glow, noise
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -20,7 +20,7 @@ def test_noise_is_bitwise_identical_on_cpu_and_gpu():
 @pytest.mark.parametrize("method", ["vmap", "hooks"])
 def test_engines_equal_loop_on_gpu(method):
     torch.manual_seed(0)
-    model = Glow(GlowConfig.preset("small")).double().cuda()
+    model = Glow.from_preset("small").double().cuda()
     x = torch.rand(4, 1, 28, 28, dtype=torch.float64, device="cuda")
     model.initialize(x)
     seeds = torch.arange(4, device="cuda")

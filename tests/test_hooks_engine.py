@@ -7,7 +7,7 @@ from conftest import assert_rel_close, tiny_glow
 from torch import nn
 
 from fimood.engine import explain, grad_norms
-from fimood.models import Glow, GlowConfig, GroupSum, LikelihoodModel
+from fimood.models import Glow, GroupSum, LikelihoodModel
 from fimood.models.glow import ActNorm
 
 
@@ -20,7 +20,7 @@ def assert_hooks_equal_loop(model, x, seeds=None):
 )
 def test_hooks_equals_loop_on_glow_presets(preset, image_shape):
     torch.manual_seed(0)
-    model = Glow(GlowConfig.preset(preset, image_shape)).double()
+    model = Glow.from_preset(preset, image_shape).double()
     x = torch.rand(2, *image_shape, dtype=torch.float64)
     model.initialize(x)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""METHOD.md's invariance: an invertible, parameter-free change of representation leaves every feature
+"""The method's invariance (docs/method.md): an invertible, parameter-free change of representation leaves every feature
 unchanged, while the likelihood (and so Typicality) changes."""
 
 import math

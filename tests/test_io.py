@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fimood.io import decode_image, encode_png, read_image_parquet, write_image_parquet
+from fimood.lake.images import decode_image, encode_png
+from fimood.lake.tables import read_image_parquet, write_image_parquet
 from fimood.storage import filesystem
 
 

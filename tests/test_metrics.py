@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from fimood.metrics import detection_metrics
+from fimood.method.metrics import detection_metrics
 
 
 def test_metrics_match_scikit_learn_with_ties():

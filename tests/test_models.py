@@ -10,9 +10,10 @@ from conftest import assert_rel_close
 
 from fimood.engine import explain, grad_norms
 from fimood.models import DDPM, VAE, DDPMConfig, VAEConfig, load_model_with_hash, save_model
+from fimood.models.ddpm import import_diffusers
 from fimood.models.vae import discretized_logistic_log_prob
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = import_diffusers()  # the `test` extra installs it: these tests never skip
 
 
 def tiny_ddpm(config: DDPMConfig | None = None) -> DDPM:

@@ -11,7 +11,7 @@ from torch import nn
 
 from fimood import GradNormDetector
 from fimood.engine import grad_norms
-from fimood.features import compute_features
+from fimood.method.features import compute_features
 from fimood.models import ModelAdapter, load_model, load_model_with_hash, save_model
 
 USER_PACKAGE = '''

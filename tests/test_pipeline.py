@@ -1,6 +1,7 @@
-"""The Ray pipeline on local files: DESIGN.md's promises for the fit and score passes."""
+"""The Ray pipeline on local files: the fit and score passes keep every row, in its partition, scored as in-process."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,17 +10,16 @@ import pytest
 import torch
 from conftest import DAYS, read_scores
 
-from fimood import pipeline
-from fimood.data import load_source
-from fimood.detector import Detector, DetectorSettings
-from fimood.features import compute_features, seeds_from_ids
-from fimood.io import encode_png
-from fimood.models import load_model, save_model
-from fimood.workflow import build_model
+from fimood import passes
+from fimood.apps.datasets import load_source
+from fimood.lake.images import encode_png
+from fimood.method.detector import DetectorArtifact, DetectorSettings
+from fimood.method.features import compute_features, seeds_from_ids
+from fimood.models import build_model, load_model, save_model
 
 
 def test_rows_in_equal_rows_out_and_partitions_are_kept(lake, tmp_path):
-    summary = pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), pipeline.PipelineConfig())
+    summary = passes.score(lake["detector"], lake["mnist"], str(tmp_path), passes.PipelineConfig())
     table = read_scores(str(tmp_path))
     ids = table.column("id").to_pylist()
     assert summary.rows == table.num_rows == 120 and summary.errors == 0
@@ -29,27 +29,31 @@ def test_rows_in_equal_rows_out_and_partitions_are_kept(lake, tmp_path):
     assert {row["date"]: row["id_count"] for row in by_day} == {DAYS[0]: 70, DAYS[1]: 50}
     assert {"ood_score", "p_value", "is_ood", "nll", "error", "detector_id"} <= set(table.column_names)
     marker = json.loads((tmp_path / f"date={DAYS[0]}" / "_SUCCESS").read_text())
-    assert marker == {"detector_id": Detector.load(lake["detector"]).detector_id, "rows": 70, "errors": 0}
+    assert marker["detector_id"] == DetectorArtifact.load(lake["detector"]).detector_id
+    assert (marker["rows"], marker["errors"]) == (70, 0)
+    inputs = sorted((Path(lake["mnist"]) / f"date={DAYS[0]}").glob("*.parquet"))
+    assert [row["path"] for row in marker["inputs"]] == [str(path) for path in inputs]
+    assert sorted(marker["files"]) == sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").glob("*.parquet"))
 
 
 def test_scores_equal_the_in_process_detector(lake, tmp_path):
-    pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), pipeline.PipelineConfig())
+    passes.score(lake["detector"], lake["mnist"], str(tmp_path), passes.PipelineConfig())
     table = read_scores(str(tmp_path)).sort_by("id")
     source = load_source("mnist", limit=120)
     order = np.argsort(source.ids)
     features = compute_features(load_model(lake["model"]), source.images[order], seeds_from_ids(source.ids)[order])
-    expected = Detector.load(lake["detector"]).by_group[1].ood_score(features.log_sq_norms)
+    expected = DetectorArtifact.load(lake["detector"]).by_group[1].ood_score(features.log_sq_norms)
     np.testing.assert_allclose(table.column("ood_score").to_numpy(), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize(("batch_size", "num_actors"), [(1, 1), (7, 2), (64, 1)])
 def test_batch_size_and_actor_count_do_not_change_scores(lake, tmp_path, batch_size, num_actors):
-    config = pipeline.PipelineConfig(batch_size=batch_size, num_actors=num_actors)
-    pipeline.score(lake["detector"], f"{lake['mnist']}/date={DAYS[1]}", str(tmp_path), config)
+    config = passes.PipelineConfig(batch_size=batch_size, num_actors=num_actors)
+    passes.score(lake["detector"], f"{lake['mnist']}/date={DAYS[1]}", str(tmp_path), config)
     reference = tmp_path.parent / "reference"
     if not reference.exists():
-        pipeline.score(
-            lake["detector"], f"{lake['mnist']}/date={DAYS[1]}", str(reference), pipeline.PipelineConfig(batch_size=16)
+        passes.score(
+            lake["detector"], f"{lake['mnist']}/date={DAYS[1]}", str(reference), passes.PipelineConfig(batch_size=16)
         )
     got, want = read_scores(str(tmp_path)).sort_by("id"), read_scores(str(reference)).sort_by("id")
     np.testing.assert_allclose(got.column("ood_score").to_numpy(), want.column("ood_score").to_numpy(), rtol=1e-6)
@@ -64,7 +68,8 @@ def test_bad_rows_come_out_with_an_error_and_no_score(lake, tmp_path):
     table = pa.table(rows)
     (tmp_path / "in").mkdir()
     pq.write_table(table, tmp_path / "in" / "part-0.parquet")
-    summary = pipeline.score(lake["detector"], str(tmp_path / "in"), str(tmp_path / "out"), pipeline.PipelineConfig())
+    config = passes.PipelineConfig(max_error_fraction=1.0)  # four of five rows are bad, on purpose
+    summary = passes.score(lake["detector"], str(tmp_path / "in"), str(tmp_path / "out"), config)
     out = {row["id"]: row for row in read_scores(str(tmp_path / "out")).to_pylist()}
     assert summary.rows == 5 and summary.errors == 4 and sorted(out) == sorted(rows["id"])
     assert out["ok"]["error"] is None and np.isfinite(out["ok"]["ood_score"])
@@ -73,22 +78,22 @@ def test_bad_rows_come_out_with_an_error_and_no_score(lake, tmp_path):
 
 
 def test_a_rerun_replaces_and_resume_skips_committed_partitions(lake, tmp_path):
-    config = pipeline.PipelineConfig()
-    pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), config)
+    config = passes.PipelineConfig()
+    passes.score(lake["detector"], lake["mnist"], str(tmp_path), config)
     first = sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").iterdir())
-    pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), config)
+    passes.score(lake["detector"], lake["mnist"], str(tmp_path), config)
     assert read_scores(str(tmp_path)).num_rows == 120
     assert sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").iterdir()) != first  # replaced, not added
-    resumed = pipeline.score(lake["detector"], lake["mnist"], str(tmp_path), config, resume=True)
-    assert resumed.skipped_partitions == 2 and resumed.rows == 0
+    resumed = passes.score(lake["detector"], lake["mnist"], str(tmp_path), config, resume=True)
+    assert len(resumed.skipped) == 2 and resumed.rows == 0
     assert not (tmp_path / "_staging").exists()
 
 
 def test_ids_are_derived_when_there_is_no_id_column(lake, tmp_path):
     images = load_source("mnist", limit=3).images
     pq.write_table(pa.table({"pixels": [encode_png(image) for image in images]}), tmp_path / "part-0.parquet")
-    config = pipeline.PipelineConfig(image_column="pixels")
-    pipeline.score(lake["detector"], str(tmp_path / "part-0.parquet"), str(tmp_path / "out"), config)
+    config = passes.PipelineConfig(image_column="pixels")
+    passes.score(lake["detector"], str(tmp_path / "part-0.parquet"), str(tmp_path / "out"), config)
     ids = sorted(read_scores(str(tmp_path / "out")).column("id").to_pylist())
     assert ids == [f"{tmp_path}/part-0.parquet#{row}" for row in range(3)]
 
@@ -98,11 +103,11 @@ def test_image_files_and_pixel_arrays_are_read(lake, tmp_path):
     for index, image in enumerate(images):
         (tmp_path / "images").mkdir(exist_ok=True)
         (tmp_path / "images" / f"{index}.png").write_bytes(encode_png(image))
-    pipeline.score(
+    passes.score(
         lake["detector"],
         str(tmp_path / "images"),
         str(tmp_path / "out-images"),
-        pipeline.PipelineConfig(input_format="images"),
+        passes.PipelineConfig(input_format="images"),
     )
     from_files = read_scores(str(tmp_path / "out-images")).sort_by("id")
     assert from_files.column("id").to_pylist() == [str(tmp_path / "images" / f"{i}.png") for i in range(2)]
@@ -110,11 +115,11 @@ def test_image_files_and_pixel_arrays_are_read(lake, tmp_path):
         pa.table({"id": from_files.column("id"), "image": [image[0].tolist() for image in images]}),
         tmp_path / "arrays.parquet",
     )
-    pipeline.score(
+    passes.score(
         lake["detector"],
         str(tmp_path / "arrays.parquet"),
         str(tmp_path / "out-arrays"),
-        pipeline.PipelineConfig(),
+        passes.PipelineConfig(),
         z_scores=True,
     )
     from_arrays = read_scores(str(tmp_path / "out-arrays")).sort_by("id")
@@ -126,23 +131,20 @@ def test_image_files_and_pixel_arrays_are_read(lake, tmp_path):
 
 @pytest.mark.parametrize(("model_type", "rule"), [("vae", "one-sided"), ("ddpm", "full-cov")])
 def test_every_built_in_model_and_rule_runs_through_the_pipeline(lake, tmp_path, model_type, rule):
-    pytest.importorskip("diffusers")
     torch.manual_seed(0)
     model = build_model(model_type, "tiny")
     save_model(model, str(tmp_path / "model"))
     settings = DetectorSettings(rule=rule, batch_size=32)
-    detector, summary = pipeline.fit(
-        str(tmp_path / "model"), lake["fit"], pipeline.PipelineConfig(batch_size=32), settings
-    )
+    detector, summary = passes.fit(str(tmp_path / "model"), lake["fit"], passes.PipelineConfig(batch_size=32), settings)
     assert summary.rows == 200 and summary.errors == 0 and detector.by_group[1].rule_.name == rule
     detector.save(str(tmp_path / "detector"))
     day = f"{lake['mnist']}/date={DAYS[1]}"
-    pipeline.score(str(tmp_path / "detector"), day, str(tmp_path / "scores"), pipeline.PipelineConfig(batch_size=32))
+    passes.score(str(tmp_path / "detector"), day, str(tmp_path / "scores"), passes.PipelineConfig(batch_size=32))
     table = read_scores(str(tmp_path / "scores")).sort_by("id")
     source = load_source("mnist", limit=120)
     order = np.argsort(source.ids[70:])
     images, ids = source.images[70:][order], [source.ids[70:][i] for i in order]
     features = compute_features(load_model(str(tmp_path / "model")), images, seeds_from_ids(ids))
-    expected = Detector.load(str(tmp_path / "detector")).by_group[1].ood_score(features.log_sq_norms)
+    expected = DetectorArtifact.load(str(tmp_path / "detector")).by_group[1].ood_score(features.log_sq_norms)
     # float32 models: batches of 32 (pipeline) and 64 (here) sum in different orders; full-cov magnifies that
     np.testing.assert_allclose(table.column("ood_score").to_numpy(), expected, rtol=1e-5)

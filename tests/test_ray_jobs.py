@@ -1,18 +1,23 @@
 """`ray job submit --working-dir . -- python jobs/*.py` against the session's Ray head on loopback."""
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import DAYS, read_scores
+from conftest import DAYS, RAY_COMMAND, read_scores
 
 REPO = Path(__file__).parents[1]
 
 
 def submit(address: str, *args: str) -> str:
-    """Submit a job and wait for it; the head answers a little before its job agent is ready."""
-    command = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args]
+    """Submit a job and wait for it; the head answers a little before its job agent is ready.
+
+    The job runs with this interpreter (a cluster's image has `python` on its PATH; a bare test PATH may not).
+    """
+    submit_job = [*RAY_COMMAND, "job", "submit", "--address", address, "--working-dir", "."]
+    command = [*submit_job, "--", sys.executable, *args]
     for _ in range(30):
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
         output = result.stdout + result.stderr

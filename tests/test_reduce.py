@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from fimood.detector import GradNormDetector
-from fimood.reduce import FitReduce, split_hash
+from fimood.method.detector import GradNormDetector
+from fimood.method.reduce import FitReduce
+from fimood.method.splits import split_hash
 
 
 def _rows(n: int, seed: int = 0):

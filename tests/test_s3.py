@@ -7,11 +7,11 @@ import s3fs
 from conftest import DAYS
 from moto.server import ThreadedMotoServer
 
-from fimood import pipeline
-from fimood.data import load_source
-from fimood.detector import Detector
-from fimood.features import compute_features, seeds_from_ids
-from fimood.io import write_image_parquet
+from fimood import passes
+from fimood.apps.datasets import load_source
+from fimood.lake.tables import write_image_parquet
+from fimood.method.detector import DetectorArtifact
+from fimood.method.features import compute_features, seeds_from_ids
 from fimood.models import load_model, save_model
 
 
@@ -41,10 +41,10 @@ def test_fit_and_score_on_s3(s3, lake, tmp_path):
         write_image_parquet(
             f"s3://lake/mnist/date={day}", mnist.ids[rows], mnist.images[rows], rows_per_shard=32, storage_options=s3
         )
-    config = pipeline.PipelineConfig(batch_size=32, storage_options=s3)
-    detector, fitted = pipeline.fit("s3://lake/model", "s3://lake/fit", config)
+    config = passes.PipelineConfig(batch_size=32, storage_options=s3)
+    detector, fitted = passes.fit("s3://lake/model", "s3://lake/fit", config)
     detector.save("s3://lake/detector", s3)
-    summary = pipeline.score("s3://lake/detector", "s3://lake/mnist", "s3://lake/scores", config)
+    summary = passes.score("s3://lake/detector", "s3://lake/mnist", "s3://lake/scores", config)
 
     fs = s3fs.S3FileSystem(**s3)
     table = (
@@ -58,7 +58,7 @@ def test_fit_and_score_on_s3(s3, lake, tmp_path):
     assert all(fs.exists(f"lake/scores/date={day}/_SUCCESS") for day in DAYS)
     order = np.argsort(mnist.ids)
     features = compute_features(load_model(lake["model"]), mnist.images[order], seeds_from_ids(mnist.ids)[order])
-    expected = Detector.load("s3://lake/detector", s3).by_group[1].ood_score(features.log_sq_norms)
+    expected = DetectorArtifact.load("s3://lake/detector", s3).by_group[1].ood_score(features.log_sq_norms)
     np.testing.assert_allclose(table.column("ood_score").to_numpy(), expected, rtol=1e-6)
     assert (
         "testing" not in repr(detector.extra) and "testing" not in fs.cat_file("lake/detector/manifest.json").decode()

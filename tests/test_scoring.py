@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from sklearn.covariance import OAS
 
-from fimood.baselines import TypicalityTest
-from fimood.density import FeatureStats
-from fimood.detector import Detector, DetectorSettings, GradNormDetector
-from fimood.scoring import (
+from fimood.method.baselines import TypicalityTest
+from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
+from fimood.method.scoring import (
     DEFAULT_RULE,
     SCORING_RULES,
     DiagonalGaussian,
@@ -18,6 +17,7 @@ from fimood.scoring import (
     conformal_p_values,
     make_rule,
 )
+from fimood.method.statistics import FeatureStats
 
 
 def correlated_features(rng: np.random.Generator, n: int, n_features: int = 6) -> np.ndarray:
@@ -113,7 +113,7 @@ def test_a_saved_detector_keeps_its_rule_and_scores_the_same(name, tmp_path):
     rng = np.random.default_rng(7)
     fit, calibration, test = correlated_features(rng, 400), correlated_features(rng, 100), correlated_features(rng, 9)
     per_row = GradNormDetector(rule=name).fit(fit, calibration)
-    detector = Detector(
+    detector = DetectorArtifact(
         model_uri="memory://model",
         model_sha256="cd" * 32,
         feature_names=[f"f{i}" for i in range(6)],
@@ -122,7 +122,7 @@ def test_a_saved_detector_keeps_its_rule_and_scores_the_same(name, tmp_path):
         typicality=TypicalityTest.from_entropy(1.0),
     )
     detector.save(str(tmp_path))
-    loaded = Detector.load(str(tmp_path)).by_group[1]
+    loaded = DetectorArtifact.load(str(tmp_path)).by_group[1]
     assert loaded.rule == name and loaded.rule_.name == name
     np.testing.assert_allclose(loaded.ood_score(test), per_row.ood_score(test), rtol=1e-12)
     assert loaded.threshold_ == per_row.threshold_

@@ -1,14 +1,23 @@
 """The detection study: every rule × model × OOD set × batch size, its report, and the default-rule criterion."""
 
 import json
+import re
+from dataclasses import replace
 from itertools import product
 
 import numpy as np
+import pytest
 
-from fimood import study
-from fimood.scoring import SCORING_RULES
-from fimood.study import StudyConfig, StudyRow, made_up_sets, run_study
-from fimood.study_report import PrincipalAxes, chosen_rule, write_report
+from fimood.apps import study
+from fimood.apps.study import StudyConfig, StudyRow, made_up_sets, run_study
+from fimood.apps.study_report import PrincipalAxes, chosen_rule, write_report
+from fimood.engine import trainable_parameters
+from fimood.lake.tables import read_image_parquet
+from fimood.method.detector import DetectorSettings
+from fimood.method.features import compute_features, seeds_from_ids
+from fimood.method.reduce import FitReduce
+from fimood.method.scoring import DEFAULT_RULE, SCORING_RULES
+from fimood.method.splits import calibration_rows
 
 
 def test_made_up_ood_sets_are_transformations_of_the_in_distribution_rows():
@@ -52,8 +61,7 @@ def test_principal_axes_measure_rows_in_in_distribution_standard_deviations_with
 
 
 def test_the_study_scores_every_rule_model_ood_set_and_batch_size_and_writes_its_report(tmp_path, monkeypatch):
-    real_load_source = study.load_source
-    monkeypatch.setattr(study, "load_source", lambda name, split="test": real_load_source(name, split, limit=120))
+    _small_sources(monkeypatch)
     config = StudyConfig(
         work=str(tmp_path / "work"), preset="tiny", train_steps=2, rows=30, fit_rows=60, group_sizes=(1, 2)
     )
@@ -65,7 +73,7 @@ def test_the_study_scores_every_rule_model_ood_set_and_batch_size_and_writes_its
     assert all(0.0 <= r.auroc <= 1.0 and 0.0 <= r.fpr95 <= 1.0 for r in result.rows)
     assert {(r.n_id, r.n_ood) for r in result.rows if r.group_size == 2} == {(15, 15)}
     assert result.models["glow"]["n_fit"] == sum(
-        study.split_hash([f"fashion-mnist/test/{i:05d}" for i in range(60)]) >= 0.2
+        ~calibration_rows([f"fashion-mnist/test/{i:05d}" for i in range(60)], 0.2)
     )
 
     command = "fimood study --preset tiny"
@@ -77,7 +85,44 @@ def test_the_study_scores_every_rule_model_ood_set_and_batch_size_and_writes_its
     assert (tmp_path / "docs" / "detection-study-features.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Where the OOD rows sit" in report and "| ddpm | digits | " in report
     assert (tmp_path / "docs" / "detection-study-axes.png").read_bytes()[:4] == b"\x89PNG"
+    assert re.search(r"\| vae \| .* \| tiny preset, 2 steps, seed 0, code [\w.+]+; trained .* in [\d.]+ min", report)
 
-    first_hashes = {name: info["sha256"] for name, info in result.models.items()}
-    again = run_study(StudyConfig(**{**config.__dict__, "models": ("vae",), "group_sizes": (1,)}))
-    assert again.models["vae"]["sha256"] == first_hashes["vae"]  # checkpoints in `work` are reused
+
+def test_the_studys_per_row_detectors_are_the_ones_fimood_fit_builds(tmp_path, monkeypatch):
+    """Same rows, same split, same reduce: the study's batch-1 detector scores exactly like `passes.fit`'s."""
+    _small_sources(monkeypatch)
+    config = StudyConfig(work=str(tmp_path), models=("vae",), preset="tiny", train_steps=2, rows=30, fit_rows=60)
+    urls = study.write_study_data(config.work, config.rows, config.fit_rows)
+    model, _ = study.checkpoint("vae", urls["fashion-mnist-train"], config)
+    fit = read_image_parquet(urls["fashion-mnist-fit"], model.image_shape)
+    detectors, _, _ = study.fit_detectors("vae", model, fit, 1, config)
+    reduce = FitReduce(len(trainable_parameters(model)), DetectorSettings().calibration_fraction)
+    features = compute_features(model, fit.images, seeds_from_ids(fit.ids))
+    order = np.random.default_rng(0).permutation(len(fit.ids))  # a pipeline streams rows in any order
+    for batch in np.array_split(order, 7):
+        reduce.add([fit.ids[i] for i in batch], features.log_sq_norms[batch], features.nll[batch])
+    expected, _ = reduce.finish(DetectorSettings().false_positive_rate, DEFAULT_RULE)
+    np.testing.assert_allclose(detectors[DEFAULT_RULE].calibration_scores_, expected.calibration_scores_, rtol=1e-10)
+    assert detectors[DEFAULT_RULE].threshold_ == pytest.approx(expected.threshold_, rel=1e-10)
+
+
+def test_data_and_checkpoints_are_reused_only_when_made_the_same_way(tmp_path, monkeypatch):
+    _small_sources(monkeypatch)
+    config = StudyConfig(work=str(tmp_path), models=("vae",), preset="tiny", train_steps=2, rows=30, fit_rows=60)
+    urls = study.write_study_data(config.work, config.rows, config.fit_rows)
+    first, first_record = study.checkpoint("vae", urls["fashion-mnist-train"], config)
+    again, again_record = study.checkpoint("vae", urls["fashion-mnist-train"], config)
+    assert again.checkpoint_sha256 == first.checkpoint_sha256 and again_record == first_record  # reused
+    reseeded, reseeded_record = study.checkpoint("vae", urls["fashion-mnist-train"], replace(config, seed=1))
+    assert reseeded_record["recipe"]["seed"] == 1 and reseeded.checkpoint_sha256 != first.checkpoint_sha256
+    _, longer_record = study.checkpoint("vae", urls["fashion-mnist-train"], replace(config, train_steps=3))
+    assert longer_record["recipe"]["steps"] == 3 and longer_record["trained_at"]
+    heldout = tmp_path / "data" / "fashion-mnist-heldout"
+    assert read_image_parquet(str(heldout)).images.shape[0] == 30
+    study.write_study_data(config.work, rows=20, fit_rows=60)
+    assert read_image_parquet(str(heldout)).images.shape[0] == 20  # made again for the new row count
+
+
+def _small_sources(monkeypatch) -> None:
+    real_load_source = study.load_source
+    monkeypatch.setattr(study, "load_source", lambda name, split="test": real_load_source(name, split, limit=120))

@@ -1,17 +1,20 @@
 """Training lowers the NLL; the benchmark measures every engine beside the plain step."""
 
+from collections import Counter
+
 import numpy as np
+import pytest
 import torch
 
-from fimood.benchmark import format_rows, run_benchmark
-from fimood.data import load_source
-from fimood.models import Glow, GlowConfig
-from fimood.train import TrainConfig, train
+from fimood.apps import benchmark
+from fimood.apps.datasets import load_source
+from fimood.models import Glow
+from fimood.models.training import TrainConfig, train
 
 
 def test_training_lowers_bits_per_dim():
     torch.manual_seed(0)
-    model = Glow(GlowConfig.preset("tiny"))
+    model = Glow.from_preset("tiny")
     losses = train(
         model,
         load_source("fashion-mnist", "test", limit=256).images,
@@ -21,8 +24,20 @@ def test_training_lowers_bits_per_dim():
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
 
 
-def test_benchmark_reports_each_engine_relative_to_the_plain_step():
-    rows = run_benchmark(["tiny"], ["loop", "vmap"], batch_size=4, loop_batch_size=2, repeats=1)
-    assert [row.mode for row in rows] == ["plain", "loop", "vmap"]
-    assert rows[0].slowdown == 1.0 and all(row.images_per_second > 0 for row in rows)
-    assert "machine: " in format_rows(rows, "test machine")
+def test_the_benchmark_times_every_engine_beside_the_plain_step_on_the_same_rows(monkeypatch):
+    calls = Counter()
+    real_grad_norms = benchmark.grad_norms
+
+    def counted(model, x, seeds, method):
+        calls[method, len(x)] += 1
+        return real_grad_norms(model, x, seeds, method)
+
+    monkeypatch.setattr(benchmark, "grad_norms", counted)
+    rows = benchmark.run_benchmark(["tiny"], ["loop", "vmap", "hooks"], batch_size=16, loop_batch_size=4, repeats=2)
+    assert [row.mode for row in rows] == ["plain", "loop", "vmap", "hooks"]
+    assert calls == {("loop", 4): 3, ("vmap", 16): 3, ("hooks", 16): 3}  # one warm-up and two timed calls each
+    by_mode = {row.mode: row for row in rows}
+    for row in rows:
+        assert row.slowdown == pytest.approx(by_mode["plain"].images_per_second / row.images_per_second)
+    assert by_mode["loop"].slowdown > by_mode["hooks"].slowdown  # a backward pass per row costs more than one per batch
+    assert "machine: test machine" in benchmark.format_rows(rows, "test machine")

@@ -11,7 +11,6 @@ from fimood.engine.hooks import explain, hooks_grad_norms
 from fimood.engine.loop import loop_grad_norms
 from fimood.engine.result import GradNorms, trainable_parameters
 from fimood.engine.vmap import vmap_grad_norms
-from fimood.models.grouped import GroupSum
 
 METHODS = ("auto", "loop", "vmap", "hooks")
 
@@ -26,8 +25,9 @@ def grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None, method:
         raise ValueError(f"seeds must have one row per sample ({x.shape[0]}), got shape {tuple(seeds.shape)}")
     if method == "loop":
         return loop_grad_norms(model, x, seeds)
-    if method == "vmap" or (method == "auto" and isinstance(model, GroupSum)):
-        # A group's rows pass through each layer as separate rows, so per-layer rules cannot see groups.
+    if method == "vmap" or (method == "auto" and not getattr(model, "layers_see_samples", True)):
+        # A model whose sample is a group of rows (`models.GroupSum`) passes each row through its layers
+        # separately, so per-layer rules cannot see the samples.
         return vmap_grad_norms(model, x, seeds)
     return hooks_grad_norms(model, x, seeds)
 

@@ -1,16 +1,18 @@
-"""Likelihood models: the contract, the built-in models, your own model's adapter, and checkpoints."""
+"""Likelihood models: the contract, one registry, one file per built-in model, your own model's
+adapter, and checkpoints. Importing this package registers the built-in models."""
 
 from fimood.models.adapter import ModelAdapter
-from fimood.models.base import LikelihoodModel
-from fimood.models.checkpoint import MODEL_TYPES, load_model, load_model_with_hash, save_model
+from fimood.models.base import LikelihoodModel, Preset
+from fimood.models.checkpoint import load_model, load_model_with_hash, save_model
 from fimood.models.ddpm import DDPM, DDPMConfig
 from fimood.models.glow import Glow, GlowConfig
 from fimood.models.grouped import GroupSum
+from fimood.models.registry import MODELS, build_model, model_class, register_model
 from fimood.models.vae import VAE, VAEConfig
 
 __all__ = [
     "DDPM",
-    "MODEL_TYPES",
+    "MODELS",
     "VAE",
     "DDPMConfig",
     "Glow",
@@ -18,8 +20,12 @@ __all__ = [
     "GroupSum",
     "LikelihoodModel",
     "ModelAdapter",
+    "Preset",
     "VAEConfig",
+    "build_model",
     "load_model",
     "load_model_with_hash",
+    "model_class",
+    "register_model",
     "save_model",
 ]

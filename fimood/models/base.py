@@ -1,13 +1,31 @@
-"""The likelihood-model contract every fimood model meets."""
+"""The likelihood-model contract every fimood model meets, and how a model saves and loads itself."""
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
+import safetensors.torch
 import torch
 from torch import Tensor, nn
+
+from fimood.models.registry import MODELS
+from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named size of a model: its settings, and the image shape it is built for unless told otherwise."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    image_shape: tuple[int, int, int] = (1, 28, 28)
 
 
 class LikelihoodModel(nn.Module, ABC):
@@ -15,13 +33,17 @@ class LikelihoodModel(nn.Module, ABC):
 
     Subclasses implement `nll`. All per-row randomness (dequantisation noise, diffusion noise,
     latent samples) must come from `seeds`, so a row's value never depends on its batch.
-    Built-in models also carry a JSON-serialisable `config` and a `model_type` name, so that
-    `fimood.models.save_model` / `load_model` can rebuild them.
+    A model that can be saved gives `config_dict`/`from_config`; a built-in one also has a
+    `model_type` name, `presets`, and `@register_model` (`fimood.models.registry`).
     """
 
     model_type: ClassVar[str] = ""
     nll_unit: ClassVar[str] = "nats"  # what `nll` measures, for reports
+    presets: ClassVar[dict[str, Preset]] = {}
+    study_train_steps: ClassVar[int] = 1500  # how long `fimood study` trains it on FashionMNIST
+    checkpoint_marker: ClassVar[str] = CONFIG_NAME  # the file a checkpoint writes last: it marks a whole one
     image_shape: tuple[int, int, int]  # (C, H, W) of the images `nll` takes
+    checkpoint_sha256: str | None = None  # content hash of the checkpoint it was saved to or loaded from
 
     @abstractmethod
     def nll(self, x: Tensor, seeds: Tensor | None = None) -> Tensor:
@@ -51,8 +73,46 @@ class LikelihoodModel(nn.Module, ABC):
         """The constructor settings as JSON-compatible values (built-in models override)."""
         raise NotImplementedError(f"{type(self).__name__} has no config; it cannot be saved by fimood")
 
+    @classmethod
+    def from_preset(cls, name: str, image_shape: tuple[int, int, int] | None = None) -> LikelihoodModel:
+        """A fresh model of a preset, for `image_shape` (default: the preset's)."""
+        if name not in cls.presets:
+            raise ValueError(f"{cls.model_type or cls.__name__} presets are {sorted(cls.presets)}, got {name!r}")
+        preset = cls.presets[name]
+        return cls.from_config({**preset.settings, "image_shape": tuple(image_shape or preset.image_shape)})
+
     def forward(self, x: Tensor, seeds: Tensor | None = None) -> Tensor:
         return self.nll(x, seeds)
+
+    def save_pretrained(self, url: str, storage_options: StorageOptions = None) -> str:
+        """Write `model.safetensors`, then `config.json` (model type and settings), under any fsspec URL.
+
+        The weights go first, so a folder with a `config.json` always holds a whole checkpoint.
+        Returns the checkpoint's content hash.
+        """
+        cls = type(self)
+        model_type = cls.model_type if MODELS.get(cls.model_type) is cls else f"{cls.__module__}:{cls.__qualname__}"
+        config = {"format_version": FORMAT_VERSION, "model_type": model_type, "config": self.config_dict()}
+        config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
+        state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.state_dict().items()}
+        weights_bytes = safetensors.torch.save(state)
+        write_bytes(join(url, WEIGHTS_NAME), weights_bytes, storage_options)
+        write_bytes(join(url, CONFIG_NAME), config_bytes, storage_options)
+        self.checkpoint_sha256 = sha256_hex(config_bytes, weights_bytes)
+        return self.checkpoint_sha256
+
+    @classmethod
+    def from_pretrained(cls, url: str, storage_options: StorageOptions = None) -> LikelihoodModel:
+        """Rebuild a model saved by `save_pretrained`, in eval mode on the CPU, with its `checkpoint_sha256`."""
+        config_bytes = read_bytes(join(url, CONFIG_NAME), storage_options)
+        config = json.loads(config_bytes)
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{url}: format_version must be {FORMAT_VERSION}, got {config.get('format_version')!r}")
+        model = cls.from_config(config["config"])
+        weights_bytes = read_bytes(join(url, WEIGHTS_NAME), storage_options)
+        model.load_state_dict(safetensors.torch.load(weights_bytes))
+        model.checkpoint_sha256 = sha256_hex(config_bytes, weights_bytes)
+        return model.eval()
 
 
 class ConfiguredModel(LikelihoodModel):
@@ -72,6 +132,11 @@ class ConfiguredModel(LikelihoodModel):
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
+
+
+def pixels(images: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """uint8 images (B, C, H, W) → float pixels in [0, 1], what `nll` takes."""
+    return torch.as_tensor(images, device=device).to(dtype) / 255.0
 
 
 def validate_images(x: Tensor, image_shape: tuple[int, int, int]) -> None:

@@ -20,27 +20,32 @@ import torch
 from torch import Tensor
 
 from fimood.models import noise
-from fimood.models.base import LikelihoodModel, validate_images
+from fimood.models.base import LikelihoodModel, Preset, validate_images
 from fimood.models.checkpoint import folder_files, folder_sha256, local_folder
+from fimood.models.registry import register_model
 from fimood.storage import StorageOptions, join, write_bytes
 
 SETTINGS_NAME = "fimood.json"
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "block_out_channels": (8, 16),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 4,
-        "attention_head_dim": 8,
-    },
-    "small": {  # attention only at 7×7 (and in the middle block): 280k parameters, ~0.3 s a step on 2 CPU cores
-        "block_out_channels": (16, 32, 32),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 8,
-        "attention_head_dim": 8,
-    },
+PRESETS = {  # the UNet's settings
+    "tiny": Preset(
+        {
+            "block_out_channels": (8, 16),
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+            "norm_num_groups": 4,
+            "attention_head_dim": 8,
+        }
+    ),
+    "small": Preset(  # attention only at 7×7 (and in the middle block): 280k parameters, ~0.3 s a step on 2 CPU cores
+        {
+            "block_out_channels": (16, 32, 32),
+            "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            "norm_num_groups": 8,
+            "attention_head_dim": 8,
+        }
+    ),
 }
 
 
@@ -67,6 +72,7 @@ class DDPMConfig:
             raise ValueError(f"n_draws must be positive, got {self.n_draws}")
 
 
+@register_model
 class DDPM(LikelihoodModel):
     """A diffusers `UNet2DModel` noise predictor with a `DDPMScheduler`'s β schedule.
 
@@ -77,6 +83,9 @@ class DDPM(LikelihoodModel):
 
     model_type = "ddpm"
     nll_unit = "weighted noise error"
+    presets = PRESETS
+    study_train_steps = 1200  # ~6 min on 2 CPU cores
+    checkpoint_marker = "model_index.json"  # a diffusers pipeline folder; written last
 
     def __init__(self, unet: Any, scheduler: Any, config: DDPMConfig | None = None):
         super().__init__()
@@ -106,19 +115,19 @@ class DDPM(LikelihoodModel):
 
     @classmethod
     def from_preset(
-        cls, name: str, image_shape: tuple[int, int, int] = (1, 28, 28), config: DDPMConfig | None = None
+        cls, name: str, image_shape: tuple[int, int, int] | None = None, config: DDPMConfig | None = None
     ) -> DDPM:
         """A fresh model: a preset UNet and the linear β schedule of Ho et al. over 1,000 steps."""
         if name not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+            raise ValueError(f"ddpm presets are {sorted(PRESETS)}, got {name!r}")
         diffusers = import_diffusers()
-        channels, height, width = image_shape
+        channels, height, width = image_shape or PRESETS[name].image_shape
         unet = diffusers.UNet2DModel(
             sample_size=(height, width),
             in_channels=channels,
             out_channels=channels,
             layers_per_block=1,
-            **PRESETS[name],
+            **PRESETS[name].settings,
         )
         return cls(unet, diffusers.DDPMScheduler(num_train_timesteps=1000), config)
 
@@ -159,39 +168,46 @@ class DDPM(LikelihoodModel):
                 terms.append(weight * self.noise_error(x, seeds, timesteps, stream=index * self.config.n_draws + draw))
         return torch.stack(terms).mean(dim=0)
 
+    def save_pretrained(self, url: str, storage_options: StorageOptions = None) -> str:
+        """Write a diffusers `DDPMPipeline` folder plus `fimood.json` under `url`; returns its content hash.
+
+        `model_index.json` goes last, so a folder that has one always holds a whole checkpoint.
+        """
+        diffusers = import_diffusers()
+        settings = {"format_version": 1, "model_type": self.model_type, "config": self.config_dict()}
+        with tempfile.TemporaryDirectory(prefix="fimood-ddpm-") as tmp:
+            pipeline = diffusers.DDPMPipeline(unet=self.unet, scheduler=self.scheduler)
+            pipeline.save_pretrained(tmp, safe_serialization=True)
+            with open(os.path.join(tmp, SETTINGS_NAME), "w") as handle:
+                json.dump(settings, handle, indent=2, sort_keys=True)
+            files = sorted(folder_files(tmp), key=lambda relative: relative == self.checkpoint_marker)
+            for relative in files:
+                with open(os.path.join(tmp, relative), "rb") as handle:
+                    write_bytes(join(url, relative), handle.read(), storage_options)
+            self.checkpoint_sha256 = folder_sha256(tmp)
+        return self.checkpoint_sha256
+
+    @classmethod
+    def from_pretrained(cls, url: str, storage_options: StorageOptions = None) -> DDPM:
+        """Load a diffusers DDPM folder (safetensors weights only, never from a hub), with its content hash."""
+        diffusers = import_diffusers()
+        with local_folder(url, storage_options) as path:
+            unet = diffusers.UNet2DModel.from_pretrained(
+                path, subfolder="unet", use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+            )
+            scheduler = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
+            config = DDPMConfig()
+            settings_file = os.path.join(path, SETTINGS_NAME)
+            if os.path.exists(settings_file):
+                with open(settings_file) as handle:
+                    config = DDPMConfig(**json.load(handle)["config"])
+            model = cls(unet, scheduler, config).eval()
+            model.checkpoint_sha256 = folder_sha256(path)
+        return model
+
     def training_loss(self, x: Tensor, seeds: Tensor) -> Tensor:
         """The simple loss (eq. 14): the unweighted noise error at a timestep drawn from each row's seed, (B,)."""
         n_steps = len(self.betas)
         uniform = noise.uniform(seeds, (1,), stream=1_000_003, dtype=torch.float64).flatten()
         timesteps = (uniform * n_steps).long().clamp(max=n_steps - 1)
         return self.noise_error(x, seeds, timesteps, stream=0)
-
-
-def save_ddpm(model: DDPM, url: str, storage_options: StorageOptions = None) -> str:
-    """Write a diffusers `DDPMPipeline` folder plus `fimood.json` under `url`; returns its content hash."""
-    diffusers = import_diffusers()
-    settings = {"format_version": 1, "model_type": DDPM.model_type, "config": model.config_dict()}
-    with tempfile.TemporaryDirectory(prefix="fimood-ddpm-") as tmp:
-        diffusers.DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(tmp, safe_serialization=True)
-        with open(os.path.join(tmp, SETTINGS_NAME), "w") as handle:
-            json.dump(settings, handle, indent=2, sort_keys=True)
-        for relative in folder_files(tmp):
-            with open(os.path.join(tmp, relative), "rb") as handle:
-                write_bytes(join(url, relative), handle.read(), storage_options)
-        return folder_sha256(tmp)
-
-
-def load_ddpm(url: str, storage_options: StorageOptions = None) -> tuple[DDPM, str]:
-    """Load a diffusers DDPM folder (safetensors weights only, never the hub) and its content hash."""
-    diffusers = import_diffusers()
-    with local_folder(url, storage_options) as path:
-        unet = diffusers.UNet2DModel.from_pretrained(
-            path, subfolder="unet", use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
-        )
-        scheduler = diffusers.DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-        config = DDPMConfig()
-        settings_file = os.path.join(path, SETTINGS_NAME)
-        if os.path.exists(settings_file):
-            with open(settings_file) as handle:
-                config = DDPMConfig(**json.load(handle)["config"])
-        return DDPM(unet, scheduler, config).eval(), folder_sha256(path)

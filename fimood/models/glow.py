@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fimood.models import noise
-from fimood.models.base import ConfiguredModel, validate_images
+from fimood.models.base import ConfiguredModel, Preset, validate_images
+from fimood.models.registry import register_model
 
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_channels": 8, "depth": 2, "levels": 2},
-    "small": {"hidden_channels": 64, "depth": 8, "levels": 2},
-    "paper": {"hidden_channels": 512, "depth": 32, "levels": 3},
+PRESETS = {
+    "tiny": Preset({"hidden_channels": 8, "depth": 2, "levels": 2}),
+    "small": Preset({"hidden_channels": 64, "depth": 8, "levels": 2}),
+    "paper": Preset({"hidden_channels": 512, "depth": 32, "levels": 3}, (3, 32, 32)),
 }
 
 
@@ -50,18 +51,12 @@ class GlowConfig:
                 f"levels={self.levels} needs height and width divisible by {scale}, got image_shape={self.image_shape}"
             )
 
-    @classmethod
-    def preset(cls, name: str, image_shape: tuple[int, int, int] = (1, 28, 28)) -> GlowConfig:
-        if name not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-        return cls(image_shape=image_shape, **PRESETS[name])
-
 
 class ActNorm(nn.Module):
     """Per-channel affine map y = (x + bias)·exp(logs); log-det = H·W·Σ logs, the same for every sample.
 
     The log-det comes out per sample, shape (B,), so a gradient engine can see each sample's share of
-    this data-independent path (METHOD.md, "Cost").
+    this data-independent path (docs/method.md, "What it costs").
     """
 
     def __init__(self, channels: int):
@@ -209,10 +204,13 @@ class GlowOutput:
     latents: list[Tensor] = field(default_factory=list)  # one (B, C_l, H_l, W_l) per level
 
 
+@register_model
 class Glow(ConfiguredModel):
     """Glow for images in [0, 1]; `nll` is bits per dimension of the dequantised image."""
 
     model_type = "glow"
+    presets = PRESETS
+    study_train_steps = 3750  # 4 epochs at batch 64, ~12 min on 2 CPU cores
     config_class = GlowConfig
     nll_unit = "bits/dim"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from fimood.models.base import LikelihoodModel
@@ -12,6 +14,8 @@ class GroupSum(LikelihoodModel):
 
     Its gradient features are those of the summed loss of M points (the paper's batch-size-M test).
     """
+
+    layers_see_samples: ClassVar[bool] = False  # its layers see rows, not groups: the engines use vmap
 
     def __init__(self, model: LikelihoodModel):
         super().__init__()

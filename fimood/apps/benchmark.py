@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import platform
+import shutil
 import statistics
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,10 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from fimood.engine import grad_norms
-from fimood.models import LikelihoodModel
-from fimood.workflow import build_model
+from fimood.models import LikelihoodModel, build_model
 
-IMAGE_SHAPES = {"tiny": (1, 28, 28), "small": (1, 28, 28), "paper": (3, 32, 32)}
 ENGINE_METHODS = ("loop", "vmap")
 
 
@@ -65,8 +66,8 @@ def _setup(
     model_type: str, preset: str, batch_size: int, device: torch.device
 ) -> tuple[LikelihoodModel, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    model = build_model(model_type, preset, IMAGE_SHAPES[preset]).to(device)
-    x = torch.rand(batch_size, *IMAGE_SHAPES[preset], device=device)
+    model = build_model(model_type, preset).to(device)
+    x = torch.rand(batch_size, *model.image_shape, device=device)
     model.initialize(x)
     return model, x, torch.arange(batch_size, device=device)
 
@@ -154,43 +155,102 @@ class PipelineBenchmarkRow:
     mode: str
     rows: int
     seconds: float
+    gpu_utilization: float | None = None  # mean of nvidia-smi's samples during the run, percent
 
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds
 
 
-def run_pipeline_benchmark(
-    rows: int, preset: str, batch_size: int, num_actors: int, cpus_per_actor: int, workdir: str
-) -> list[PipelineBenchmarkRow]:
-    """Rows/s of the in-process engine (decode + features) and of the Ray fit pass over the same Parquet rows.
+class GpuUtilization:
+    """Samples the GPUs' utilisation with nvidia-smi every half second while a block runs; `mean` after."""
 
-    The pipeline runs twice: the first run includes starting Ray and its actors, the second is warm.
+    def __enter__(self) -> GpuUtilization:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _sample(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._stop.wait(0.5):
+            output = subprocess.run(query, capture_output=True, text=True, check=False).stdout
+            self.samples += [float(value) for value in output.split()]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
+def run_pipeline_benchmark(
+    rows: int,
+    preset: str,
+    batch_size: int,
+    num_actors: int,
+    cpus_per_actor: int,
+    partitions: int,
+    repeats: int,
+    workdir: str,
+) -> list[PipelineBenchmarkRow]:
+    """Rows/s of the in-process engine and of the Ray passes over the same Parquet rows, side by side.
+
+    Modes: `in-process` (read + decode + features in this process); `fit (cold)` (starting Ray and the
+    actors included) and `fit (warm)`; then `score, 1 partition` and `score, N partitions`, the score
+    pass over the same `partitions` shards laid out in one folder or one folder each, alternated
+    `repeats` times. Returns one row per run.
     """
     import numpy as np
 
-    from fimood import pipeline
-    from fimood.features import featurize_rows
-    from fimood.io import read_parquet_table, write_image_parquet
+    from fimood import passes
+    from fimood.lake.images import decode_cells
+    from fimood.lake.tables import read_parquet_table, write_image_parquet
+    from fimood.method.features import featurize_rows
     from fimood.models import load_model, save_model
 
     torch.manual_seed(0)
-    model = build_model("glow", preset, IMAGE_SHAPES[preset])
-    images = np.random.default_rng(0).integers(0, 256, (rows, *IMAGE_SHAPES[preset]), dtype=np.uint8)
+    model = build_model("glow", preset)
+    images = np.random.default_rng(0).integers(0, 256, (rows, *model.image_shape), dtype=np.uint8)
     model.initialize(torch.as_tensor(images[:64]).float() / 255)
     save_model(model, f"{workdir}/model")
-    write_image_parquet(f"{workdir}/data", [f"row-{i}" for i in range(rows)], images, rows_per_shard=max(1, rows // 8))
+    ids = [f"row-{i}" for i in range(rows)]
+    per_shard = -(-rows // partitions)
+    write_image_parquet(f"{workdir}/one", ids, images, rows_per_shard=per_shard)
+    for shard, start in enumerate(range(0, rows, per_shard)):
+        stop = start + per_shard
+        write_image_parquet(f"{workdir}/many/part={shard:04d}", ids[start:stop], images[start:stop])
     results = []
-    start = time.perf_counter()
-    table = read_parquet_table(f"{workdir}/data")
-    loaded = load_model(f"{workdir}/model")
-    ids, cells = table.column("id").to_pylist(), table.column("image").to_pylist()
-    for first in range(0, rows, batch_size):
-        featurize_rows(loaded, ids[first : first + batch_size], cells[first : first + batch_size])
-    results.append(PipelineBenchmarkRow("in-process", rows, time.perf_counter() - start))
-    config = pipeline.PipelineConfig(batch_size=batch_size, num_actors=num_actors, cpus_per_actor=cpus_per_actor)
-    for mode in ("pipeline (cold)", "pipeline (warm)"):
-        start = time.perf_counter()
-        pipeline.fit(f"{workdir}/model", f"{workdir}/data", config)
-        results.append(PipelineBenchmarkRow(mode, rows, time.perf_counter() - start))
+
+    def timed(mode: str, run: Callable[[], object]) -> object:
+        with GpuUtilization() as gpu:
+            start = time.perf_counter()
+            value = run()
+            results.append(PipelineBenchmarkRow(mode, rows, time.perf_counter() - start, gpu.mean))
+        return value
+
+    def in_process() -> None:
+        table = read_parquet_table(f"{workdir}/one")
+        loaded = load_model(f"{workdir}/model").to("cuda" if torch.cuda.is_available() else "cpu")
+        cells = table.column("image").to_pylist()
+        for first in range(0, rows, batch_size):
+            decoded, errors = decode_cells(cells[first : first + batch_size], loaded.image_shape)
+            featurize_rows(loaded, ids[first : first + batch_size], decoded, errors)
+
+    timed("in-process", in_process)
+    config = passes.PipelineConfig(batch_size=batch_size, num_actors=num_actors, cpus_per_actor=cpus_per_actor)
+    for mode in ("fit (cold)", "fit (warm)"):
+        detector, _ = timed(mode, lambda: passes.fit(f"{workdir}/model", f"{workdir}/one", config))
+    detector.save(f"{workdir}/detector")
+    for repeat in range(repeats):
+        for mode, data in (("score, 1 partition", "one"), (f"score, {partitions} partitions", "many")):
+            out = f"{workdir}/scores-{data}-{repeat}"
+            timed(
+                mode, lambda data=data, out=out: passes.score(f"{workdir}/detector", f"{workdir}/{data}", out, config)
+            )
     return results

@@ -29,7 +29,7 @@ from typing import ClassVar
 import numpy as np
 import scipy.linalg
 
-from fimood.density import FeatureStats
+from fimood.method.statistics import FeatureStats
 
 
 class ScoringRule(ABC):

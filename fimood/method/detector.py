@@ -1,12 +1,14 @@
-"""The OOD detector: a scoring rule plus calibration, and its saved artifact.
+"""The OOD detector: a scoring rule plus calibration, and the artifact a fit saves.
 
 `GradNormDetector` is a scikit-learn-like estimator over (n, L) log-norm features for one group
-size. `Detector` bundles one per group size with the model reference, the Typicality baseline and
-the settings, and saves as a directory: `manifest.json` + `arrays.safetensors` (never pickle).
+size. `DetectorArtifact` is what `fimood fit` writes and `fimood score` reads: one estimator per
+group size, the model it was fitted on (URI and content hash), the Typicality baseline and the
+settings, saved as a folder of `manifest.json` + `arrays.safetensors` (never pickle).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,21 +16,23 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from fimood.baselines import TypicalityTest
-from fimood.density import FeatureStats
-from fimood.scoring import DEFAULT_RULE, check_rule, conformal_p_values, make_rule
+from fimood.engine import METHODS
+from fimood.method.baselines import TypicalityTest
+from fimood.method.scoring import DEFAULT_RULE, check_rule, conformal_p_values, make_rule
+from fimood.method.statistics import FeatureStats
+from fimood.models import LikelihoodModel, load_model
 from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
 
-FORMAT_VERSION = 2  # 2: full co-moment matrix and a scoring rule
+FORMAT_VERSION = 3  # 2: full co-moment matrix and a scoring rule; 3: the gradient engine's setting named `engine`
 MANIFEST_NAME = "manifest.json"
 ARRAYS_NAME = "arrays.safetensors"
 
 
 class GradNormDetector:
-    """A scoring rule over log gradient norms (`fimood.scoring`), with a calibrated threshold.
+    """A scoring rule over log gradient norms (`fimood.method.scoring`), with a calibrated threshold.
 
     Args:
-        rule: name of the scoring rule (see `fimood.scoring.SCORING_RULES`).
+        rule: name of the scoring rule (see `fimood.method.scoring.SCORING_RULES`).
         false_positive_rate: share of in-distribution rows flagged at the threshold.
 
     Attributes (after fit): stats_, rule_ (the fitted rule), calibration_scores_ (sorted OOD scores
@@ -91,7 +95,7 @@ class GradNormDetector:
 class DetectorSettings:
     """How features were computed and the detector fitted; stored in the manifest."""
 
-    method: str = "auto"
+    engine: str = "auto"  # the gradient engine (`fimood.engine.METHODS`)
     rule: str = DEFAULT_RULE
     batch_size: int = 64
     false_positive_rate: float = 0.05
@@ -99,6 +103,8 @@ class DetectorSettings:
 
     def __post_init__(self) -> None:
         check_rule(self.rule)
+        if self.engine not in METHODS:
+            raise ValueError(f"engine must be one of {METHODS}, got {self.engine!r}")
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction!r}")
         if self.batch_size < 1:
@@ -106,7 +112,7 @@ class DetectorSettings:
 
 
 @dataclass
-class Detector:
+class DetectorArtifact:
     """Everything needed to score new rows: model reference, features, per-group detectors, baselines."""
 
     model_uri: str
@@ -117,9 +123,9 @@ class Detector:
     typicality: TypicalityTest
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def detector_id(self) -> str:
-        """Content hash of the manifest and arrays: same fit, same id."""
+        """Content hash of the manifest and arrays: same fit, same id (computed once per detector)."""
         manifest, arrays = self._serialize()
         return sha256_hex(manifest, arrays)[:16]
 
@@ -131,11 +137,13 @@ class Detector:
         return sha256_hex(manifest, arrays)[:16]
 
     @classmethod
-    def load(cls, url: str, storage_options: StorageOptions = None) -> Detector:
+    def load(cls, url: str, storage_options: StorageOptions = None) -> DetectorArtifact:
         manifest = json.loads(read_bytes(join(url, MANIFEST_NAME), storage_options))
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in (2, FORMAT_VERSION):
             raise ValueError(f"{url}: format_version must be {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
         arrays = safetensors.numpy.load(read_bytes(join(url, ARRAYS_NAME), storage_options))
+        if manifest["format_version"] == 2:  # the same detector; its engine setting was called `method`
+            manifest["settings"]["engine"] = manifest["settings"].pop("method")
         settings = DetectorSettings(**manifest["settings"])
         by_group = {}
         for size in sorted(int(key) for key in manifest["groups"]):
@@ -197,3 +205,17 @@ class Detector:
         }
         arrays_bytes = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
         return json.dumps(manifest, indent=2, sort_keys=True).encode(), arrays_bytes
+
+
+def load_detector_and_model(
+    detector_url: str, storage_options: StorageOptions = None, allowed_imports: tuple[str, ...] = ()
+) -> tuple[DetectorArtifact, LikelihoodModel]:
+    """Load a detector and its model, refusing a model whose content changed since the fit."""
+    detector = DetectorArtifact.load(detector_url, storage_options)
+    model = load_model(detector.model_uri, storage_options, allowed_imports=allowed_imports)
+    if model.checkpoint_sha256 != detector.model_sha256:
+        raise ValueError(
+            f"the model at {detector.model_uri} changed since the detector was fitted "
+            f"(sha256 {model.checkpoint_sha256[:12]}, expected {detector.model_sha256[:12]}); fit the detector again"
+        )
+    return detector, model

@@ -1,4 +1,4 @@
-"""Maximum-likelihood training of a built-in model on uint8 images, on the CPU or a GPU."""
+"""Maximum-likelihood training of a model on uint8 images, on the CPU or a GPU."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-from fimood.features import to_pixels
-from fimood.models.base import LikelihoodModel
+from fimood.models.base import LikelihoodModel, pixels
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def train(model: LikelihoodModel, images: np.ndarray, config: TrainConfig, progr
     parameter = next(model.parameters())
     model.train()
     first = torch.randperm(len(images), generator=generator)[: config.batch_size].numpy()
-    model.initialize(to_pixels(images[first], parameter.dtype, parameter.device))
+    model.initialize(pixels(images[first], parameter.dtype, parameter.device))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps))
     losses: list[float] = []
@@ -58,7 +57,7 @@ def train(model: LikelihoodModel, images: np.ndarray, config: TrainConfig, progr
             order, cursor = torch.randperm(len(images), generator=generator), 0
         rows = order[cursor : cursor + config.batch_size].numpy()
         cursor += config.batch_size
-        x = to_pixels(images[rows], parameter.dtype, parameter.device)
+        x = pixels(images[rows], parameter.dtype, parameter.device)
         seeds = torch.randint(-(2**62), 2**62, (len(rows),), generator=generator).to(parameter.device)
         loss = model.training_loss(x, seeds).mean()
         if not torch.isfinite(loss):
@@ -83,7 +82,7 @@ def mean_nll(model: LikelihoodModel, images: np.ndarray, seeds: np.ndarray, batc
     parameter = next(model.parameters())
     total = 0.0
     for start in range(0, len(images), batch_size):
-        x = to_pixels(images[start : start + batch_size], parameter.dtype, parameter.device)
+        x = pixels(images[start : start + batch_size], parameter.dtype, parameter.device)
         s = torch.as_tensor(seeds[start : start + batch_size], device=parameter.device)
         total += model.nll(x, s).sum().item()
     return total / len(images)

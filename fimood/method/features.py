@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-from fimood.density import LOG_SQ_NORM_FLOOR
 from fimood.engine import grad_norms, trainable_parameters
-from fimood.io import decode_cells
-from fimood.models.base import LikelihoodModel
+from fimood.method.statistics import LOG_SQ_NORM_FLOOR
+from fimood.models.base import LikelihoodModel, pixels
 from fimood.models.grouped import GroupSum
 
 logger = logging.getLogger(__name__)
@@ -42,18 +41,13 @@ class Features:
     nll: np.ndarray  # (n,) per row, or each group's mean NLL
 
 
-def to_pixels(images: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """uint8 (B, C, H, W) → float pixels in [0, 1]."""
-    return torch.as_tensor(images, device=device).to(dtype) / 255.0
-
-
 def compute_features(
     model: LikelihoodModel,
     images: np.ndarray,
     seeds: np.ndarray,
     *,
     group_size: int = 1,
-    method: str = "auto",
+    engine: str = "auto",
     batch_size: int = 64,
     progress: bool | str = False,
 ) -> Features:
@@ -74,11 +68,11 @@ def compute_features(
     starts = range(0, n_groups, rows_per_batch)
     for start in tqdm(starts, desc=progress or "features", disable=not progress, unit="batch"):
         stop = min(start + rows_per_batch, n_groups) * group_size
-        x = to_pixels(images[start * group_size : stop], parameter.dtype, parameter.device)
+        x = pixels(images[start * group_size : stop], parameter.dtype, parameter.device)
         s = torch.as_tensor(seeds[start * group_size : stop], device=parameter.device)
         if group_size > 1:
             x, s = x.reshape(-1, group_size, *x.shape[1:]), s.reshape(-1, group_size)
-        result = grad_norms(scored, x, s, method)
+        result = grad_norms(scored, x, s, engine)
         log_norms.append(log_sq_norms(result.sq_norms.detach().cpu().double().numpy()))
         nlls.append(result.nll.detach().cpu().double().numpy() / group_size)
     n_features = len(trainable_parameters(model))
@@ -97,25 +91,27 @@ class RowFeatures:
     errors: list[str | None]  # (n,)
 
 
-def featurize_rows(model: LikelihoodModel, ids: list[str], cells: list, *, method: str = "auto") -> RowFeatures:
-    """Decode image cells (bytes or arrays) and compute each decodable row's features.
+def featurize_rows(
+    model: LikelihoodModel, ids: list[str], images: np.ndarray, errors: list[str | None], *, engine: str = "auto"
+) -> RowFeatures:
+    """Features of decoded rows: uint8 images (n, C, H, W), each row's decoding error or None.
 
-    This is the row boundary: a cell that cannot be decoded, a row the model fails on and a
+    This is the row boundary: a row that could not be decoded, a row the model fails on and a
     non-finite result each become that row's error, never a failed batch.
     """
     n_features = len(trainable_parameters(model))
-    images, errors = decode_cells(cells, model.image_shape)
+    errors = list(errors)
     log_norms = np.full((len(ids), n_features), np.nan)
     nll = np.full(len(ids), np.nan)
     ok = np.array([error is None for error in errors], dtype=bool)
     seeds = seeds_from_ids(ids)
     try:
-        _fill(model, images, seeds, np.flatnonzero(ok), method, log_norms, nll)
+        _fill(model, images, seeds, np.flatnonzero(ok), engine, log_norms, nll)
     except Exception:  # one bad row must not sink the batch: find it by scoring rows one at a time
         logger.warning("a batch of %d rows failed; scoring its rows one at a time", ok.sum(), exc_info=True)
         for row in np.flatnonzero(ok):
             try:
-                _fill(model, images, seeds, np.array([row]), method, log_norms, nll)
+                _fill(model, images, seeds, np.array([row]), engine, log_norms, nll)
             except Exception as error:
                 errors[row] = f"scoring failed: {type(error).__name__}: {error}"
     for row in np.flatnonzero(ok):
@@ -131,11 +127,11 @@ def _fill(
     images: np.ndarray,
     seeds: np.ndarray,
     rows: np.ndarray,
-    method: str,
+    engine: str,
     log_norms: np.ndarray,
     nll: np.ndarray,
 ) -> None:
     if len(rows) == 0:
         return
-    features = compute_features(model, images[rows], seeds[rows], method=method, batch_size=len(rows))
+    features = compute_features(model, images[rows], seeds[rows], engine=engine, batch_size=len(rows))
     log_norms[rows], nll[rows] = features.log_sq_norms, features.nll

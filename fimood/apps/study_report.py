@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fimood.metrics import detection_metrics
-from fimood.scoring import DEFAULT_RULE, SCORING_RULES, DiagonalGaussian
+from fimood.apps.study import BASELINES, StudyConfig, StudyResult, StudyRow, machine, mean_auroc
+from fimood.method.metrics import detection_metrics
+from fimood.method.scoring import DEFAULT_RULE, SCORING_RULES, DiagonalGaussian
 from fimood.storage import join, write_bytes
-from fimood.study import BASELINES, StudyConfig, StudyResult, StudyRow, machine, mean_auroc
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure  # matplotlib is the optional `plot` extra
@@ -86,14 +86,20 @@ def summary_table(rows: list[StudyRow], rule: str) -> str:
 
 
 def models_table(result: StudyResult) -> str:
+    """Markdown: each model, and how its checkpoint was made (steps, seed, code, when, how long, where)."""
     lines = [
-        "| model | parameters | features | fit rows | held-out NLL | checkpoint sha256 |",
-        "|---|---|---|---|---|---|",
+        "| model | parameters | features | fit rows | held-out NLL | how the checkpoint was made | sha256 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, info in result.models.items():
+        made, recipe = info["made"], info["made"]["recipe"]
+        how = (
+            f"{recipe['preset']} preset, {recipe['steps']:,} steps, seed {recipe['seed']}, code {recipe['code']}; "
+            f"trained {made['trained_at']} in {made['training_seconds'] / 60:.1f} min ({made['machine']})"
+        )
         lines.append(
             f"| {name} | {info['parameters']:,} | {len(result.feature_names[name])} | {info['n_fit']} | "
-            f"{info['heldout_nll']:.3f} {info['nll_unit']} | `{info['sha256'][:12]}` |"
+            f"{info['heldout_nll']:.3f} {info['nll_unit']} | {how} | `{info['sha256'][:12]}` |"
         )
     return "\n".join(lines)
 
@@ -214,18 +220,20 @@ def write_report(result: StudyResult, config: StudyConfig, out: str, command: st
     plot_model = "glow" if "glow" in result.models else next(iter(result.models))
     sections = [
         "# Detection study: scoring rules × models × OOD sets",
-        f"Made by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d} ({machine()}; {seconds / 60:.0f} min).",
+        f"Made by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d} ({machine()}; {seconds / 60:.0f} min, "
+        "checkpoints reused or trained as the models table says).",
         "In-distribution: FashionMNIST. Each model trains on the train split; the rules fit on the first half "
-        "of the test split (a fifth of it, by id hash, held out to calibrate the rules that learn from held-out "
-        f"rows); the held-out set is {config.rows} rows of the second half. OOD sets: MNIST, scikit-learn's "
-        "8×8 digits (upsampled), and "
+        "of the test split, as `fimood fit` fits them (a fifth of it, by id hash, held out to calibrate: the "
+        "threshold, the p-values, and what the `combined` rules learn from held-out rows); in groups of 5, as "
+        f"`fimood evaluate` fits them. The held-out set is {config.rows} rows of the second half. OOD sets: "
+        "MNIST, scikit-learn's 8×8 digits (upsampled), and "
         "three made up from the held-out rows: `fashion-vflip` (upside down), `fashion-inverted` (255 − pixel), "
         "`uniform-noise`. Each cell is AUROC / FPR at 95% TPR (OOD is the positive class); the best AUROC of a "
         "line is in bold. Rules: docs/scoring-rules.md.",
         "## The default rule",
         DEFAULT_RULE_CRITERION,
         f"Mean per-row AUROC: {means} (baselines: {baselines}). The criterion picks **{rule}**; "
-        f"the product default (`fimood.scoring.DEFAULT_RULE`) is `{DEFAULT_RULE}`.",
+        f"the product default (`fimood.method.scoring.DEFAULT_RULE`) is `{DEFAULT_RULE}`.",
         "## Models",
         models_table(result),
         *[

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fimood import pipeline
-from fimood.data import load_source
-from fimood.evaluate import EvaluationRow, evaluate, format_table, write_json
-from fimood.io import write_image_parquet
+from fimood import passes
+from fimood.apps.datasets import load_source
+from fimood.apps.evaluate import EvaluationRow, evaluate, format_table, write_json
+from fimood.apps.stages import Stages
+from fimood.apps.training import TrainSummary, train_checkpoint
+from fimood.lake.tables import write_image_parquet
+from fimood.models.training import TrainConfig
 from fimood.storage import join
-from fimood.train import TrainConfig
-from fimood.workflow import TrainSummary, train_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ class DemoConfig:
     out: str = "demo-out"
     preset: str = "small"
     train_steps: int = 1500
-    method: str = "auto"
+    engine: str = "auto"
     seed: int = 0
 
 
@@ -29,7 +30,7 @@ class DemoConfig:
 class DemoResult:
     train: TrainSummary
     rows: list[EvaluationRow]
-    score: pipeline.PassSummary
+    score: passes.ScoreSummary
 
     def report(self) -> str:
         return (
@@ -62,8 +63,11 @@ def write_demo_data(out: str) -> dict[str, str]:
 def run_demo(config: DemoConfig) -> DemoResult:
     """Data → train Glow → fit (the Ray pipeline) on half the test split → evaluate at batch 1 and 5 →
     score MNIST (the Ray pipeline)."""
+    stages = Stages("demo", 5)
+    stages.start(f"write the demo data under {config.out}/data")
     data = write_demo_data(config.out)
     model_url, detector_url = join(config.out, "model"), join(config.out, "detector")
+    stages.start(f"train a {config.preset} Glow on FashionMNIST ({config.train_steps} steps)")
     trained = train_checkpoint(
         data["fashion-mnist-train"],
         model_url,
@@ -71,9 +75,11 @@ def run_demo(config: DemoConfig) -> DemoResult:
         train_config=TrainConfig(steps=config.train_steps, seed=config.seed),
         test_data_url=data["fashion-mnist-heldout"],
     )
-    run = pipeline.PipelineConfig(method=config.method)
-    detector, _ = pipeline.fit(model_url, data["fashion-mnist-fit"], run)
+    stages.start("fit the detector on the first half of the FashionMNIST test split (Ray pipeline)")
+    run = passes.PipelineConfig(engine=config.engine)
+    detector, _ = passes.fit(model_url, data["fashion-mnist-fit"], run)
     detector.save(detector_url)
+    stages.start("evaluate the second half against MNIST and digits, per row and in groups of 5")
     ood_sets = {"mnist": data["mnist"], "digits": data["digits"]}
     rows = evaluate(detector_url, data["fashion-mnist-heldout"], ood_sets, group_sizes=(1, 5))
     write_json(
@@ -81,5 +87,6 @@ def run_demo(config: DemoConfig) -> DemoResult:
         join(config.out, "evaluation.json"),
         {"test_nll": trained.test_nll, "train_steps": trained.steps},
     )
-    scored = pipeline.score(detector_url, data["mnist"], join(config.out, "scores", "mnist"), run)
+    stages.start("score MNIST (Ray pipeline)")
+    scored = passes.score(detector_url, data["mnist"], join(config.out, "scores", "mnist"), run)
     return DemoResult(train=trained, rows=rows, score=scored)

@@ -1,30 +1,20 @@
 """The fit reduce: streams feature batches into mergeable statistics and a bounded calibration sample.
 
+The pipeline's fit pass feeds it from Ray; the study feeds it in process, so its detectors are the
+ones `fimood fit` builds.
+
 Memory stays O(features + max_calibration_rows) whatever the number of rows streamed through it.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
-from fimood.baselines import TypicalityTest
-from fimood.density import FeatureStats
-from fimood.detector import GradNormDetector
-from fimood.scoring import DEFAULT_RULE
-
-
-def split_hash(ids: list[str]) -> np.ndarray:
-    """A uniform number in [0, 1) per row id, independent of the seed hash: it assigns rows to splits."""
-    return np.array(
-        [
-            int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, person=b"fimood-calib").digest(), "little")
-            / 2**64
-            for i in ids
-        ],
-        dtype=np.float64,
-    )
+from fimood.method.baselines import TypicalityTest
+from fimood.method.detector import GradNormDetector
+from fimood.method.scoring import DEFAULT_RULE
+from fimood.method.splits import split_hash
+from fimood.method.statistics import FeatureStats
 
 
 class FitReduce:

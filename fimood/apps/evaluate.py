@@ -2,7 +2,7 @@
 
 Per-row scores use the saved detector. The paper's grouped variant (features of the summed loss of
 M rows) is an evaluation device: its densities are fitted here, in-process, on the detector's own
-fit rows, split into fit and calibration rows the same way as the pipeline splits them.
+fit rows, split into fit and calibration rows and reduced exactly as `fimood fit` does.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fimood.baselines import baseline_scores
-from fimood.detector import Detector, GradNormDetector
-from fimood.features import Features, compute_features, seeds_from_ids
-from fimood.io import ImageTable, read_image_parquet
-from fimood.metrics import detection_metrics
+from fimood.apps.stages import Stages
+from fimood.lake.tables import ImageTable, read_image_parquet
+from fimood.method.baselines import baseline_scores
+from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector, load_detector_and_model
+from fimood.method.features import Features, compute_features, seeds_from_ids
+from fimood.method.metrics import detection_metrics
+from fimood.method.splits import calibration_rows
 from fimood.models import LikelihoodModel
-from fimood.reduce import split_hash
 from fimood.storage import StorageOptions, write_bytes
-from fimood.workflow import load_detector_and_model
 
 METHOD_NAMES = ("gradient", "typicality", "likelihood")
 
@@ -42,7 +42,7 @@ def table_features(
     model: LikelihoodModel,
     table: ImageTable,
     group_size: int,
-    method: str,
+    engine: str,
     batch_size: int,
     rows: np.ndarray | None = None,
     label: str = "features",
@@ -54,34 +54,52 @@ def table_features(
         table.images[rows],
         seeds_from_ids([table.ids[i] for i in rows]),
         group_size=group_size,
-        method=method,
+        engine=engine,
         batch_size=batch_size,
         progress=label,
     )
 
 
-def fit_grouped(detector: Detector, model: LikelihoodModel, fit_table: ImageTable, group_size: int) -> GradNormDetector:
-    """The grouped variant's density, from groups of `group_size` fit rows, calibrated on calibration rows."""
-    settings = detector.settings
-    calibration = split_hash(fit_table.ids) < settings.calibration_fraction
+def grouped_fit_features(
+    settings: DetectorSettings, model: LikelihoodModel, fit_table: ImageTable, group_size: int, label: str = "fit"
+) -> tuple[Features, Features]:
+    """Features of groups of `group_size` fit rows, and of groups of calibration rows.
 
-    def features(rows: np.ndarray, label: str) -> np.ndarray:
-        return table_features(
-            model, fit_table, group_size, settings.method, settings.batch_size, rows, f"{label} (group {group_size})"
-        ).log_sq_norms
-
-    return GradNormDetector(rule=settings.rule, false_positive_rate=settings.false_positive_rate).fit(
-        features(np.flatnonzero(~calibration), "fit"), features(np.flatnonzero(calibration), "calibration")
+    Rows are split as `fimood fit` splits them (`fimood.method.splits.calibration_rows`), then
+    grouped: consecutive rows, within each side.
+    """
+    calibration = calibration_rows(fit_table.ids, settings.calibration_fraction)
+    return tuple(
+        table_features(
+            model,
+            fit_table,
+            group_size,
+            settings.engine,
+            settings.batch_size,
+            np.flatnonzero(side),
+            f"{label} {name} (group {group_size})",
+        )
+        for side, name in ((~calibration, "fit"), (calibration, "calibration"))
     )
 
 
-def method_scores(density: GradNormDetector, detector: Detector, features: Features) -> dict[str, np.ndarray]:
+def fit_grouped(
+    settings: DetectorSettings, model: LikelihoodModel, fit_table: ImageTable, group_size: int
+) -> GradNormDetector:
+    """The grouped variant's density, from groups of fit rows, calibrated on groups of calibration rows."""
+    fit_features, calibration = grouped_fit_features(settings, model, fit_table, group_size)
+    return GradNormDetector(rule=settings.rule, false_positive_rate=settings.false_positive_rate).fit(
+        fit_features.log_sq_norms, calibration.log_sq_norms
+    )
+
+
+def method_scores(density: GradNormDetector, detector: DetectorArtifact, features: Features) -> dict[str, np.ndarray]:
     """OOD scores (higher = more OOD) of each method for the same rows or groups."""
     return {"gradient": density.ood_score(features.log_sq_norms)} | baseline_scores(detector.typicality, features.nll)
 
 
 def evaluate_tables(
-    detector: Detector,
+    detector: DetectorArtifact,
     model: LikelihoodModel,
     id_table: ImageTable,
     ood_tables: dict[str, ImageTable],
@@ -91,20 +109,24 @@ def evaluate_tables(
     """One row per (group size, OOD set, method); rows that could not be decoded are left out."""
     rows = []
     settings = detector.settings
+    stages = Stages("evaluate", sum((size not in detector.by_group) + 1 + len(ood_tables) for size in group_sizes))
     for size in group_sizes:
         if size in detector.by_group:
             density = detector.by_group[size]
         elif fit_table is None:
             raise ValueError(f"group size {size} needs the detector's fit rows to fit its density")
         else:
-            density = fit_grouped(detector, model, fit_table, size)
+            stages.start(f"fit the density of groups of {size} fit rows")
+            density = fit_grouped(settings, model, fit_table, size)
+        stages.start(f"features of the in-distribution rows (group size {size})")
         id_features = table_features(
-            model, id_table, size, settings.method, settings.batch_size, label=f"in-distribution (group {size})"
+            model, id_table, size, settings.engine, settings.batch_size, label=f"in-distribution (group {size})"
         )
         id_scores = method_scores(density, detector, id_features)
         for name, table in ood_tables.items():
+            stages.start(f"features of {name} (group size {size})")
             ood_features = table_features(
-                model, table, size, settings.method, settings.batch_size, label=f"{name} (group {size})"
+                model, table, size, settings.engine, settings.batch_size, label=f"{name} (group {size})"
             )
             ood_scores = method_scores(density, detector, ood_features)
             for method in METHOD_NAMES:

@@ -1,0 +1,289 @@
+"""The detection study: every scoring rule × model × OOD set × batch size, in one command.
+
+FashionMNIST is in-distribution: each model trains on its train split; the first half of its test
+split fits the detectors, exactly as `fimood fit` would (a fifth of its rows, by id hash, held out to
+calibrate), and the second half is the held-out in-distribution set. OOD sets: MNIST, scikit-learn's
+digits, and three made up here from the held-out half (upside down, inverted grey levels, uniform
+noise). Features are computed once per (model, set, batch size) and every rule and baseline scores
+the same features.
+
+Data tables and checkpoints in `work` are reused only when the record beside them says they were
+made the same way (rows, seed, training steps, preset, and the code that made them); otherwise they
+are made again, so a report's command always describes the run that made its figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+import fimood
+from fimood.apps import datasets, training
+from fimood.apps.datasets import load_source
+from fimood.apps.evaluate import grouped_fit_features, table_features
+from fimood.apps.training import train_checkpoint
+from fimood.lake import images
+from fimood.lake.tables import ImageTable, read_image_parquet, write_image_parquet
+from fimood.method.baselines import TypicalityTest, baseline_scores
+from fimood.method.detector import DetectorSettings, GradNormDetector
+from fimood.method.features import Features
+from fimood.method.metrics import detection_metrics
+from fimood.method.reduce import FitReduce
+from fimood.method.scoring import DEFAULT_RULE, SCORING_RULES
+from fimood.models import MODELS, LikelihoodModel, load_model, model_class
+from fimood.models import training as model_training
+from fimood.models.training import TrainConfig
+from fimood.storage import filesystem, join, read_bytes, write_bytes
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("typicality", "likelihood")
+RECORD = "_made.json"  # beside each data table, inside its folder; `<checkpoint>.json` beside each checkpoint
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    work: str = "study-out"  # data, checkpoints and their records; reused when their record matches
+    models: tuple[str, ...] = ("glow", "vae", "ddpm")
+    preset: str = "small"
+    train_steps: int | None = None  # None: each model's `study_train_steps`
+    rows: int = 2000  # rows of each evaluation set (held-out and each OOD set)
+    fit_rows: int = 5000  # in-distribution rows the detectors fit on (a fifth of them held out to calibrate)
+    group_sizes: tuple[int, ...] = (1, 5)
+    engine: str = "auto"
+    batch_size: int = 64
+    seed: int = 0
+
+    def settings(self, rule: str) -> DetectorSettings:
+        """What `fimood fit` would be given for this rule."""
+        return DetectorSettings(engine=self.engine, rule=rule, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    model: str
+    ood_set: str
+    group_size: int
+    method: str  # "gradient:<rule>", "typicality" or "likelihood"
+    auroc: float
+    fpr95: float
+    n_id: int
+    n_ood: int
+
+
+@dataclass
+class StudyResult:
+    rows: list[StudyRow]
+    models: dict[str, dict] = field(default_factory=dict)  # per model: checkpoint hash, how it was made, ...
+    features: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # per model: set → (n, L), batch 1
+    feature_names: dict[str, list[str]] = field(default_factory=dict)
+
+
+def code_version(*modules: object) -> str:
+    """fimood's version and a hash of these modules' source: what made a table or a checkpoint."""
+    source = "".join(inspect.getsource(module) for module in modules)
+    return f"{fimood.__version__}+{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+
+
+def made_up_sets(ids: list[str], images: np.ndarray, seed: int = 0) -> dict[str, tuple[list[str], np.ndarray]]:
+    """OOD sets made from in-distribution images (N, C, H, W): upside down, inverted, uniform noise."""
+    rng = np.random.default_rng(seed)
+    return {
+        "fashion-vflip": ([f"vflip/{i}" for i in ids], np.ascontiguousarray(images[:, :, ::-1, :])),
+        "fashion-inverted": ([f"inverted/{i}" for i in ids], 255 - images),
+        "uniform-noise": ([f"noise/{k:05d}" for k in range(len(ids))], rng.integers(0, 256, images.shape, np.uint8)),
+    }
+
+
+def _matching_record(url: str, recipe: dict) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path) and json.loads(read_bytes(url)).get("recipe") == recipe
+
+
+def write_study_data(work: str, rows: int, fit_rows: int, seed: int = 0) -> dict[str, str]:
+    """Parquet tables for training, fitting, the held-out set and every OOD set.
+
+    A table already in `work` is kept only when its record says it was made with the same rows, seed
+    and code; any other is made again.
+    """
+    code = code_version(datasets, images, sys.modules[__name__])
+    recipe = {"rows": rows, "fit_rows": fit_rows, "seed": seed, "code": code}
+    urls = {}
+
+    def write(name: str, ids: list[str], table_images: np.ndarray) -> None:
+        urls[name] = join(work, "data", name)
+        if _matching_record(join(urls[name], RECORD), recipe):
+            return
+        fs, path = filesystem(urls[name])
+        if fs.exists(path):
+            logger.info("making %s again: it was made differently", urls[name])
+            fs.rm(path, recursive=True)
+        write_image_parquet(urls[name], ids, table_images)
+        write_bytes(join(urls[name], RECORD), json.dumps({"recipe": recipe, "rows": len(ids)}).encode())
+
+    train, test = load_source("fashion-mnist", "train"), load_source("fashion-mnist", "test")
+    half = len(test.ids) // 2
+    write("fashion-mnist-train", train.ids, train.images)
+    write("fashion-mnist-fit", test.ids[: min(half, fit_rows)], test.images[: min(half, fit_rows)])
+    heldout_ids, heldout = test.ids[half : half + rows], test.images[half : half + rows]
+    write("fashion-mnist-heldout", heldout_ids, heldout)
+    for name in ("mnist", "digits"):
+        source = load_source(name)
+        write(name, source.ids[:rows], source.images[:rows])
+    for name, (ids, made_up) in made_up_sets(heldout_ids, heldout, seed).items():
+        write(name, ids, made_up)
+    return urls
+
+
+def checkpoint(name: str, train_url: str, config: StudyConfig) -> tuple[LikelihoodModel, dict]:
+    """The study's checkpoint of one model, trained here unless one made the same way is in `work`.
+
+    Returns the model and its record: how it was made (steps, seed, preset, code), when, and how long
+    training took.
+    """
+    cls = model_class(name)
+    model_url = join(config.work, "models", name)
+    steps = config.train_steps or cls.study_train_steps
+    recipe = {
+        "model": name,
+        "preset": config.preset,
+        "steps": steps,
+        "seed": config.seed,
+        "data": json.loads(read_bytes(join(train_url, RECORD)))["recipe"],
+        "code": code_version(sys.modules[cls.__module__], model_training, training),
+    }
+    record_url = f"{model_url}.json"
+    if _matching_record(record_url, recipe):
+        logger.info("reusing the %s checkpoint at %s, made the same way", name, model_url)
+        record = json.loads(read_bytes(record_url))
+    else:
+        fs, path = filesystem(model_url)
+        if fs.exists(path):
+            logger.info("training %s again: the checkpoint in %s was made differently", name, model_url)
+            fs.rm(path, recursive=True)
+        start = time.perf_counter()
+        train_config = TrainConfig(steps=steps, seed=config.seed)
+        summary = train_checkpoint(
+            train_url, model_url, model_type=name, preset=config.preset, train_config=train_config
+        )
+        record = {
+            "recipe": recipe,
+            "sha256": summary.model_sha256,
+            "final_training_loss": summary.final_loss,
+            "training_seconds": time.perf_counter() - start,
+            "trained_at": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+            "machine": machine(),
+        }
+        write_bytes(record_url, json.dumps(record, indent=2).encode())
+    model = load_model(model_url)
+    if model.checkpoint_sha256 != record["sha256"]:
+        raise ValueError(f"{model_url} does not hold the checkpoint its record describes; remove it to train again")
+    return model, record
+
+
+def score_methods(
+    detectors: dict[str, GradNormDetector], typicality: TypicalityTest, features: Features
+) -> dict[str, np.ndarray]:
+    """OOD scores (higher = more OOD) of every rule and baseline for the same rows or groups."""
+    gradient = {f"gradient:{rule}": detector.ood_score(features.log_sq_norms) for rule, detector in detectors.items()}
+    return gradient | baseline_scores(typicality, features.nll)
+
+
+def fit_detectors(
+    name: str, model: LikelihoodModel, fit: ImageTable, size: int, config: StudyConfig
+) -> tuple[dict[str, GradNormDetector], TypicalityTest, int]:
+    """Every rule's detector and the Typicality test for one batch size, and the number of fit rows (or groups).
+
+    Per row, the detectors are the ones `fimood fit` builds from these rows (its reduce, its split);
+    in groups, the ones `fimood evaluate` builds.
+    """
+    settings = config.settings(DEFAULT_RULE)  # every rule's settings are these, but for the rule
+    if size == 1:
+        features = table_features(model, fit, 1, config.engine, config.batch_size, label=f"{name} fit rows")
+        reduce = FitReduce(features.log_sq_norms.shape[1], settings.calibration_fraction)
+        reduce.add([fit.ids[i] for i in np.flatnonzero(fit.ok)], features.log_sq_norms, features.nll)
+        fitted = {rule: reduce.finish(settings.false_positive_rate, rule) for rule in SCORING_RULES}
+        detectors = {rule: detector for rule, (detector, _) in fitted.items()}
+        return detectors, fitted[DEFAULT_RULE][1], reduce.stats.count
+    fit_features, calibration = grouped_fit_features(settings, model, fit, size, label=name)
+    detectors = {
+        rule: GradNormDetector(rule=rule, false_positive_rate=settings.false_positive_rate).fit(
+            fit_features.log_sq_norms, calibration.log_sq_norms
+        )
+        for rule in SCORING_RULES
+    }
+    return detectors, TypicalityTest.from_entropy(float(fit_features.nll.mean())), len(fit_features.nll)
+
+
+def evaluate_model(
+    name: str, model: LikelihoodModel, tables: dict[str, ImageTable], config: StudyConfig, result: StudyResult
+) -> None:
+    """Features of every set at every batch size, then every rule and baseline's AUROC and FPR95."""
+    ood_names = [key for key in tables if key not in ("fashion-mnist-fit", "fashion-mnist-heldout")]
+    for size in config.group_sizes:
+        detectors, typicality, n_fit = fit_detectors(name, model, tables["fashion-mnist-fit"], size, config)
+        id_features = _features(model, tables["fashion-mnist-heldout"], size, config, f"{name} held-out")
+        id_scores = score_methods(detectors, typicality, id_features)
+        if size == 1:
+            result.models[name].update(n_fit=n_fit, heldout_nll=float(id_features.nll.mean()))
+            result.features[name] = {"fashion-mnist": id_features.log_sq_norms}
+        for ood_name in ood_names:
+            ood_features = _features(model, tables[ood_name], size, config, f"{name} {ood_name}")
+            if size == 1:
+                result.features[name][ood_name] = ood_features.log_sq_norms
+            for method, scores in score_methods(detectors, typicality, ood_features).items():
+                metrics = detection_metrics(id_scores[method], scores)
+                n_id, n_ood = len(id_scores[method]), len(scores)
+                result.rows.append(StudyRow(name, ood_name, size, method, metrics.auroc, metrics.fpr95, n_id, n_ood))
+
+
+def _features(model: LikelihoodModel, table: ImageTable, size: int, config: StudyConfig, label: str) -> Features:
+    return table_features(model, table, size, config.engine, config.batch_size, label=f"{label} (batch {size})")
+
+
+def run_study(config: StudyConfig) -> StudyResult:
+    """Data → train each model (or reuse one made the same way) → evaluate every rule."""
+    unknown = [name for name in config.models if name not in MODELS]
+    if unknown:
+        raise ValueError(f"models must be among {sorted(MODELS)}, got {unknown}")
+    urls = write_study_data(config.work, config.rows, config.fit_rows, config.seed)
+    evaluated = {key: url for key, url in urls.items() if key != "fashion-mnist-train"}
+    tables_by_shape: dict[tuple[int, int, int], dict[str, ImageTable]] = {}  # decoded once, shared by the models
+    result = StudyResult(rows=[])
+    for name in config.models:
+        model, record = checkpoint(name, urls["fashion-mnist-train"], config)
+        torch.manual_seed(config.seed)
+        result.models[name] = {
+            "sha256": model.checkpoint_sha256,
+            "nll_unit": model.nll_unit,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "made": {key: record[key] for key in ("recipe", "training_seconds", "trained_at", "machine")},
+        }
+        result.feature_names[name] = [n for n, p in model.named_parameters() if p.requires_grad]
+        if model.image_shape not in tables_by_shape:
+            tables_by_shape[model.image_shape] = {
+                key: read_image_parquet(url, model.image_shape) for key, url in evaluated.items()
+            }
+        evaluate_model(name, model, tables_by_shape[model.image_shape], config, result)
+    return result
+
+
+def mean_auroc(rows: list[StudyRow], method: str, group_size: int = 1) -> float:
+    """Mean AUROC of a method over every model and OOD set at one batch size."""
+    return float(np.mean([row.auroc for row in rows if row.method == method and row.group_size == group_size]))
+
+
+def machine() -> str:
+    """The CPU and software the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"

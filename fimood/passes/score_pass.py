@@ -1,0 +1,250 @@
+"""The score pass: every selected input folder's rows through one dataset and one actor pool, staged by
+partition, then each partition committed whole into the same folder of the output (`fimood.lake.commit`)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from fimood.lake.commit import Marker, OutputFolder, Staging
+from fimood.lake.sources import Partition, list_partitions, plan_reads
+from fimood.lake.tables import parquet_bytes
+from fimood.method.detector import load_detector_and_model
+from fimood.passes.rows import (
+    IO_TASKS_PER_ACTOR,
+    PipelineConfig,
+    ScoreActor,
+    count_errors,
+    feature_rows,
+    rate,
+    start_ray,
+)
+from fimood.storage import filesystem, join, overlaps, write_file
+
+MIN_ROWS_PER_OUTPUT_FILE = 65_536  # the writer gathers rows up to this many per file, so partitions are not confetti
+
+
+@dataclass
+class PartitionResult:
+    """What happened to one input partition in a score pass."""
+
+    folder: str
+    status: str  # "committed", "skipped" (already committed from the same inputs by the same detector) or "failed"
+    rows_in: int = 0
+    rows: int = 0  # rows in the committed output, read back after the commit
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    reason: str = ""  # why it failed
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_reason.values())
+
+
+@dataclass
+class ScoreSummary:
+    """What a score pass did, partition by partition."""
+
+    partitions: list[PartitionResult]
+    seconds: float
+
+    def _with(self, status: str) -> list[PartitionResult]:
+        return [p for p in self.partitions if p.status == status]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self._with("committed"))
+
+    @property
+    def errors(self) -> int:
+        return sum(p.errors for p in self._with("committed"))
+
+    @property
+    def skipped(self) -> list[PartitionResult]:
+        return self._with("skipped")
+
+    @property
+    def failed(self) -> list[PartitionResult]:
+        return self._with("failed")
+
+    def __str__(self) -> str:
+        reasons = Counter()
+        for partition in self._with("committed"):
+            reasons.update(partition.errors_by_reason)
+        text = (
+            f"{self.rows} rows ({count_errors(dict(reasons))}) in "
+            f"{len(self._with('committed'))} partitions, {rate(self.rows, self.seconds)}"
+        )
+        if self.skipped:
+            text += f"; {len(self.skipped)} partitions already committed"
+        if self.failed:
+            text += f"; {len(self.failed)} partitions FAILED: " + "; ".join(
+                f"{p.folder or '.'}: {p.reason}" for p in self.failed
+            )
+        return text
+
+
+class ScoringFailed(RuntimeError):
+    """Some partitions could not be committed; the others were. `summary` says which."""
+
+    def __init__(self, summary: ScoreSummary):
+        names = ", ".join(p.folder or "." for p in summary.failed)
+        super().__init__(f"{len(summary.failed)} partitions not committed ({names}): {summary}")
+        self.summary = summary
+
+
+def score(
+    detector_url: str,
+    data_url: str,
+    out_url: str,
+    config: PipelineConfig,
+    *,
+    resume: bool = False,
+    z_scores: bool = False,
+    partitions: Sequence[str] = (),
+) -> ScoreSummary:
+    """Score the rows of `data_url` into `out_url`, each input folder into the same folder of the output.
+
+    Every selected partition's rows go through one dataset and one actor pool, are staged, and each
+    partition is then committed whole (`fimood.lake.commit`), replacing only what fimood wrote there
+    before. `resume` skips a partition whose committed version was made by the same detector from
+    the same input shards (path, size, version); a new, changed or removed shard scores it again.
+
+    Args:
+        partitions: globs of input folders to score (`date=2026-11-*`); empty: every folder.
+    Raises:
+        ScoringFailed: after committing the others, when a partition's rows out differ from its
+            rows in, or its error fraction is above `config.max_error_fraction`.
+    """
+    start = time.perf_counter()
+    if overlaps(data_url, out_url, config.storage_options):
+        raise ValueError(f"the output {out_url} overlaps the input {data_url}; score into a folder outside it")
+    detector, model = load_detector_and_model(detector_url, config.storage_options, config.allowed_imports)
+    listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
+    fs, out_root = filesystem(out_url, config.storage_options)
+    folders = {
+        p.folder: OutputFolder(fs, join(out_root, p.folder) if p.folder else out_root.rstrip("/")) for p in listed
+    }
+    results, todo = [], []
+    for partition in listed:
+        folder = folders[partition.folder]
+        folder.recover()
+        marker = folder.read_marker()
+        if resume and marker is not None and marker.covers(detector.detector_id, _inputs(partition), z_scores):
+            results.append(PartitionResult(partition.folder, "skipped", marker.rows, marker.rows))
+        else:
+            todo.append(partition)
+    if todo:
+        spec = config.read_spec(data_url)
+        units, rows_in = plan_reads(todo, spec)
+        with Staging(fs, out_root) as staging:
+            start_ray(config.address)
+            scores = feature_rows(
+                units, spec, detector.model_uri, model, config, ScoreActor, detector=detector, z_scores=z_scores
+            )
+            sink = StagingDatasink(fs, staging.path)
+            scores.write_datasink(
+                sink, ray_remote_args={"num_cpus": 0}, concurrency=IO_TASKS_PER_ACTOR * config.num_actors
+            )
+            for index, partition in enumerate(todo):
+                marker = Marker(
+                    detector.detector_id,
+                    _inputs(partition),
+                    files=[],
+                    rows=0,
+                    errors=0,
+                    z_scores=z_scores,
+                    run=staging.run,
+                )
+                staged = sink.written.get(index, [])
+                folder = folders[partition.folder]
+                results.append(_commit(partition, folder, staged, rows_in[index], marker, config.max_error_fraction))
+    results.sort(key=lambda result: result.folder)
+    summary = ScoreSummary(results, time.perf_counter() - start)
+    if summary.failed:
+        raise ScoringFailed(summary)
+    return summary
+
+
+class StagingDatasink(Datasink):
+    """Writes score rows into the staging folder of their partition, `<staging>/partition=<index>/`.
+
+    A write task gathers at least MIN_ROWS_PER_OUTPUT_FILE rows and writes one file per partition
+    among them, named by the task's index: a retried task overwrites its own files. `written`
+    (partition index → staged file paths) is filled on the driver when the write completes.
+    """
+
+    def __init__(self, fs: AbstractFileSystem, staging_path: str):
+        self.fs, self.staging_path = fs, staging_path
+        self.written: dict[int, list[str]] = {}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return MIN_ROWS_PER_OUTPUT_FILE
+
+    def write(self, blocks, ctx) -> list[tuple[int, str]]:
+        table = pa.concat_tables([BlockAccessor.for_block(block).to_arrow() for block in blocks])
+        written = []
+        for index in pc.unique(table.column("partition")).to_pylist():
+            rows = table.filter(pc.equal(table.column("partition"), index)).drop_columns(["partition"])
+            path = join(self.staging_path, f"partition={index}", f"{ctx.task_idx:06d}.parquet")
+            write_file(self.fs, path, parquet_bytes(rows))
+            written.append((index, path))
+        return written
+
+    def on_write_complete(self, write_result) -> None:
+        for returns in write_result.write_returns:
+            for index, path in returns:
+                self.written.setdefault(index, []).append(path)
+
+
+def _inputs(partition: Partition) -> list[dict]:
+    return [shard.as_dict() for shard in partition.shards]
+
+
+def _commit(
+    partition: Partition,
+    folder: OutputFolder,
+    staged: list[str],
+    rows_in: int,
+    marker: Marker,
+    max_error_fraction: float,
+) -> PartitionResult:
+    """Commit one partition's staged files under `marker` (its rows and errors filled in here), unless its
+    rows or errors say something went wrong."""
+    rows, reasons = _count(folder.fs, staged)
+    errors = sum(reasons.values())
+    result = PartitionResult(partition.folder, "failed", rows_in, rows, reasons)
+    if rows != rows_in:
+        result.reason = f"{rows} rows scored from {rows_in} rows in; the previous version is kept"
+        return result
+    if errors > max_error_fraction * rows:
+        result.reason = f"{count_errors(reasons)} in {rows} rows, above the max error fraction {max_error_fraction}"
+        return result
+    committed = folder.commit(staged, replace(marker, rows=rows, errors=errors))
+    result.rows, result.errors_by_reason = _count(folder.fs, [f"{folder.path}/{name}" for name in committed.files])
+    if result.rows != rows_in:
+        result.reason = f"{result.rows} rows committed from {rows_in} rows in"
+        return result
+    result.status = "committed"
+    return result
+
+
+def _count(fs, paths: list[str]) -> tuple[int, dict[str, int]]:
+    """Rows in these score files, and their errors counted by reason (only the `error` column is read)."""
+    rows, reasons = 0, Counter()
+    for path in paths:
+        with fs.open(path, "rb") as handle:
+            error = pq.read_table(handle, columns=["error"]).column("error")
+        rows += len(error)
+        counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
+        reasons.update({item["values"].as_py(): item["counts"].as_py() for item in counts})
+    return rows, dict(reasons)

@@ -1,0 +1,306 @@
+"""The score pass on real lake layouts: every row of every input folder comes out in the same output
+folder, exactly once, after a first run and after `--resume` on a changed lake; nothing fimood did
+not write is ever replaced."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import read_scores
+from fsspec.implementations.local import LocalFileSystem
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fimood import passes
+from fimood.apps.datasets import load_source
+from fimood.lake.commit import HEARTBEAT, JOURNAL, MARKER, STAGING, Marker, OutputFolder, Staging, read_committed
+from fimood.lake.images import encode_png
+from fimood.lake.sources import list_partitions
+from fimood.method.detector import DetectorArtifact
+from fimood.passes import score_pass
+
+MNIST = load_source("mnist", limit=400)
+PNGS = [encode_png(image) for image in MNIST.images]
+
+
+def write_shard(path: Path, ids: list[str], with_id_column: bool = True) -> list[str]:
+    """A Parquet shard of MNIST images; returns the ids its rows will have."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [PNGS[zlib.crc32(i.encode()) % len(PNGS)] for i in ids]
+    columns = {"id": ids, "image": images} if with_id_column else {"image": images}
+    pq.write_table(pa.table(columns), path)
+    return ids if with_id_column else [f"{path}#{row}" for row in range(len(ids))]
+
+
+def ids_by_folder(out: Path) -> dict[str, Counter]:
+    """Committed ids per output folder (relative; folders below it not included), counted."""
+    found = {}
+    for marker in out.rglob(MARKER):
+        folder = marker.parent.relative_to(out).as_posix()
+        files = json.loads(marker.read_text())["files"]
+        ids = [
+            i for name in files for i in pq.read_table(marker.parent / name, columns=["id"]).column("id").to_pylist()
+        ]
+        found["" if folder == "." else folder] = Counter(ids)
+    return found
+
+
+def test_mixed_depth_partitions_keep_every_row(lake, tmp_path):
+    """date=1/a, date=1/hour=2/b, date=1/z: three shards, two folders, every row once in its own folder."""
+    data = tmp_path / "lake"
+    expected = {
+        "date=1": write_shard(data / "date=1" / "a.parquet", [f"a{i}" for i in range(5)])
+        + write_shard(data / "date=1" / "z.parquet", [f"z{i}" for i in range(4)]),
+        "date=1/hour=2": write_shard(data / "date=1" / "hour=2" / "b.parquet", [f"b{i}" for i in range(3)]),
+    }
+    summary = passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig())
+    assert summary.rows == 12 and [p.folder for p in summary.partitions] == ["date=1", "date=1/hour=2"]
+    assert ids_by_folder(tmp_path / "out") == {folder: Counter(ids) for folder, ids in expected.items()}
+    assert not (tmp_path / "out" / "date=1" / "hour=2" / "hour=2").exists()
+    table = read_scores(str(tmp_path / "out"))
+    assert table.num_rows == 12 and set(table.column("hour").to_pylist()) == {None, "2"}
+
+
+def test_folders_without_keys_and_the_root_itself_are_mirrored(lake, tmp_path):
+    data = tmp_path / "lake"
+    expected = {
+        "": write_shard(data / "top.parquet", ["t0", "t1"]),
+        "raw/cam-1": write_shard(data / "raw" / "cam-1" / "x.parquet", ["c0"], with_id_column=False),
+    }
+    (data / "empty" / "deeper").mkdir(parents=True)
+    passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig())
+    assert ids_by_folder(tmp_path / "out") == {folder: Counter(ids) for folder, ids in expected.items()}
+
+
+def test_a_late_shard_is_scored_on_resume(lake, tmp_path):
+    """The nightly --resume run: a shard that lands after its partition was committed is scored."""
+    data, out, config = tmp_path / "lake", str(tmp_path / "out"), passes.PipelineConfig()
+    first = write_shard(data / "date=1" / "a.parquet", [f"a{i}" for i in range(6)])
+    assert passes.score(lake["detector"], str(data), out, config, resume=True).rows == 6
+    late = write_shard(data / "date=1" / "b.parquet", [f"b{i}" for i in range(4)])
+    again = passes.score(lake["detector"], str(data), out, config, resume=True)
+    assert again.rows == 10 and not again.skipped
+    assert ids_by_folder(tmp_path / "out") == {"date=1": Counter(first + late)}
+    unchanged = passes.score(lake["detector"], str(data), out, config, resume=True)
+    assert unchanged.rows == 0 and [p.folder for p in unchanged.skipped] == ["date=1"]
+
+
+def test_a_rewritten_or_removed_shard_is_scored_again_on_resume(lake, tmp_path):
+    data, out, config = tmp_path / "lake", str(tmp_path / "out"), passes.PipelineConfig()
+    write_shard(data / "d" / "a.parquet", ["a0", "a1"])
+    kept = write_shard(data / "d" / "b.parquet", ["b0"])
+    passes.score(lake["detector"], str(data), out, config, resume=True)
+    time.sleep(0.01)  # a new modification time, as a real rewrite would have
+    rewritten = write_shard(data / "d" / "a.parquet", ["a0", "a1", "a2"])
+    assert passes.score(lake["detector"], str(data), out, config, resume=True).rows == 4
+    assert ids_by_folder(tmp_path / "out") == {"d": Counter(rewritten + kept)}
+    (data / "d" / "a.parquet").unlink()
+    assert passes.score(lake["detector"], str(data), out, config, resume=True).rows == 1
+    assert ids_by_folder(tmp_path / "out") == {"d": Counter(kept)}
+
+
+def test_a_new_detector_scores_every_partition_again_on_resume(lake, tmp_path):
+    data, out, config = tmp_path / "lake", str(tmp_path / "out"), passes.PipelineConfig()
+    write_shard(data / "d" / "a.parquet", ["a0", "a1"])
+    passes.score(lake["detector"], str(data), out, config, resume=True)
+    other = DetectorArtifact.load(lake["detector"])
+    other.settings = type(other.settings)(**{**other.settings.__dict__, "false_positive_rate": 0.1})
+    other.save(str(tmp_path / "other-detector"))
+    assert passes.score(str(tmp_path / "other-detector"), str(data), out, config, resume=True).rows == 2
+
+
+@pytest.mark.parametrize("where", ["equal", "inside", "containing"])
+def test_an_output_overlapping_the_input_is_refused_before_any_work(lake, tmp_path, where):
+    data = tmp_path / "lake"
+    shard = data / "j" / "part.parquet"
+    write_shard(shard, ["r0", "r1"])
+    before = shard.read_bytes()
+    out = {"equal": data / "j", "inside": data / "j" / "scores", "containing": tmp_path}[where]
+    with pytest.raises(ValueError, match="overlaps the input"):
+        passes.score(lake["detector"], str(data / "j"), str(out), passes.PipelineConfig())
+    assert shard.read_bytes() == before and sorted(p.name for p in (data / "j").iterdir()) == ["part.parquet"]
+
+
+def test_a_commit_replaces_only_the_files_fimood_wrote(lake, tmp_path, caplog):
+    data, out = tmp_path / "lake", tmp_path / "out"
+    ids = write_shard(data / "d" / "a.parquet", ["a0", "a1", "a2"])
+    passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
+    user_file = out / "d" / "notes.parquet"
+    pq.write_table(pa.table({"note": ["mine"]}), user_file)
+    with caplog.at_level(logging.WARNING, logger="fimood.lake.commit"):
+        passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
+    assert user_file.exists() and "notes.parquet" in caplog.text and "did not write" in caplog.text
+    assert ids_by_folder(out) == {"d": Counter(ids)}
+    marker = json.loads((out / "d" / MARKER).read_text())
+    assert sorted(p.name for p in (out / "d").glob("*.parquet")) == sorted([*marker["files"], "notes.parquet"])
+
+
+def test_staging_of_a_dead_run_is_removed_and_a_live_runs_is_kept(tmp_path):
+    fs = LocalFileSystem()
+    dead, live = tmp_path / STAGING / "dead-run", tmp_path / STAGING / "live-run"
+    for run, age in ((dead, 3600.0), (live, 0.0)):
+        (run / "partition=0").mkdir(parents=True)
+        (run / "partition=0" / "000000.parquet").write_bytes(b"staged")
+        (run / HEARTBEAT).write_text(json.dumps({"time": time.time() - age}))
+    with Staging(fs, str(tmp_path)) as staging:
+        assert Path(staging.path).exists() and (Path(staging.path) / HEARTBEAT).exists()
+        assert not dead.exists() and live.exists()
+    assert not Path(staging.path).exists() and live.exists()
+
+
+@pytest.mark.parametrize("killed_after", ["journal", "moved", "marker"])
+def test_a_commit_killed_halfway_is_finished_or_rolled_back(tmp_path, killed_after):
+    """Replay a commit's steps up to a point, as a killed run leaves them; `recover` restores one whole version."""
+    folder = OutputFolder(LocalFileSystem(), str(tmp_path / "d"))
+    (tmp_path / "d").mkdir()
+    old, new = ["part-old-00000.parquet"], ["part-new-00000.parquet"]
+    (tmp_path / "d" / old[0]).write_bytes(b"old")
+    (tmp_path / "d" / MARKER).write_text(json.dumps(_marker(old)))
+    (tmp_path / "d" / "user.parquet").write_bytes(b"user")
+    (tmp_path / "d" / JOURNAL).write_text(json.dumps({"incoming": new, "replaced": old}))
+    if killed_after in ("moved", "marker"):
+        (tmp_path / "d" / MARKER).unlink()
+        (tmp_path / "d" / new[0]).write_bytes(b"new")
+    if killed_after == "marker":
+        (tmp_path / "d" / MARKER).write_text(json.dumps(_marker(new)))
+    folder.recover()
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    expected_data = {"journal": old, "moved": [], "marker": new}[killed_after]
+    expected_marker = [MARKER] if killed_after != "moved" else []
+    assert names == sorted([*expected_data, *expected_marker, "user.parquet"])
+
+
+def _marker(files: list[str]) -> dict:
+    return {"format_version": 1, "detector_id": "x", "inputs": [], "files": files, "rows": 1, "errors": 0}
+
+
+def test_partitions_are_selected_by_glob(lake, tmp_path):
+    data = tmp_path / "lake"
+    for day in ("2026-11-25", "2026-11-26", "2026-12-01"):
+        write_shard(data / f"date={day}" / "a.parquet", [f"{day}-{i}" for i in range(2)])
+    write_shard(data / "date=2026-11-26" / "hour=03" / "b.parquet", ["late-0"])
+    summary = passes.score(
+        lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig(), partitions=["date=2026-11-2*"]
+    )
+    assert [p.folder for p in summary.partitions] == [
+        "date=2026-11-25",
+        "date=2026-11-26",
+        "date=2026-11-26/hour=03",
+    ]
+    with pytest.raises(FileNotFoundError, match="matching"):
+        passes.score(lake["detector"], str(data), str(tmp_path / "o2"), passes.PipelineConfig(), partitions=["x"])
+
+
+def test_a_partition_with_too_many_error_rows_is_not_committed(lake, tmp_path):
+    data = tmp_path / "lake"
+    write_shard(data / "good" / "a.parquet", ["g0", "g1"])
+    pq.write_table(pa.table({"id": ["b0", "b1", "b2"], "image": [b"junk", b"junk", PNGS[0]]}), _mkdir(data / "bad"))
+    with pytest.raises(passes.ScoringFailed, match=r"bad.*2 errors.*above the max error fraction 0\.5") as failure:
+        passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig())
+    assert [p.folder for p in failure.value.summary.failed] == ["bad"]
+    assert set(ids_by_folder(tmp_path / "out")) == {"good"}
+    with pytest.raises(ValueError, match=r"above the max error fraction 0\.5"):
+        passes.fit(lake["model"], str(data / "bad"), passes.PipelineConfig())
+
+
+def _mkdir(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    return folder / "part.parquet"
+
+
+def test_rows_out_that_differ_from_rows_in_fail_and_keep_the_previous_version(lake, tmp_path):
+    """A partition whose staged rows fall short of its input is not committed (the commit step alone)."""
+    data, out = tmp_path / "lake", tmp_path / "out"
+    write_shard(data / "d" / "a.parquet", ["a0", "a1", "a2"])
+    passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
+    previous = (out / "d" / MARKER).read_text()
+    short = tmp_path / "staged.parquet"
+    pq.write_table(read_committed(str(out / "d")).slice(0, 2), short)
+    folder = OutputFolder(LocalFileSystem(), str(out / "d"))
+    partition = list_partitions(str(data))[0]
+    detector = DetectorArtifact.load(lake["detector"])
+    marker = Marker(detector.detector_id, [], [], 0, 0, run="run")
+    result = score_pass._commit(partition, folder, [str(short)], 3, marker, max_error_fraction=0.5)
+    assert result.status == "failed" and "2 rows scored from 3 rows in" in result.reason
+    assert (out / "d" / MARKER).read_text() == previous and ids_by_folder(out)["d"] == Counter(["a0", "a1", "a2"])
+
+
+def test_the_actor_pool_may_hold_every_cpu(lake, tmp_path):
+    """--cpus-per-actor 2 on the 2-CPU test cluster: reads and writes reserve no CPU, so nothing starves."""
+    data = tmp_path / "lake"
+    ids = write_shard(data / "d" / "a.parquet", [f"r{i}" for i in range(5)])
+    config = passes.PipelineConfig(cpus_per_actor=2)
+    assert passes.score(lake["detector"], str(data), str(tmp_path / "out"), config).rows == len(ids)
+
+
+def test_the_detector_id_is_computed_once_per_detector(lake, monkeypatch):
+    detector = DetectorArtifact.load(lake["detector"])
+    calls = []
+    serialize = DetectorArtifact._serialize
+    monkeypatch.setattr(DetectorArtifact, "_serialize", lambda self: calls.append(1) or serialize(self))
+    assert len({detector.detector_id for _ in range(5)}) == 1 and len(calls) == 1
+
+
+# ---- the property: any layout, any change, every folder's ids exactly once --------------------------
+
+NAMES = st.sampled_from(["date=1", "date=2", "hour=03", "raw", "cam-1", "x=a b"])
+FOLDERS = st.lists(NAMES, min_size=0, max_size=3).map("/".join)
+LAYOUT = st.dictionaries(
+    FOLDERS,
+    st.lists(st.tuples(st.integers(1, 3), st.booleans()), min_size=1, max_size=3),  # (rows, has an id column)
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=LAYOUT, empty=st.lists(FOLDERS, max_size=2), late=FOLDERS, remove=st.integers(0, 100))
+def test_every_layout_keeps_each_folders_ids_exactly_once(lake, tmp_path_factory, layout, empty, late, remove):
+    root = tmp_path_factory.mktemp("layout")
+    lake_dir, out, config = root / "lake", str(root / "out"), passes.PipelineConfig(batch_size=3)
+    expected: dict[str, list[str]] = {}
+    for folder, shards in layout.items():
+        for index, (rows, with_ids) in enumerate(shards):
+            path = lake_dir / folder / f"s{index}.parquet"
+            expected.setdefault(folder, []).extend(
+                write_shard(path, [f"{folder}/s{index}/{i}" for i in range(rows)], with_ids)
+            )
+    for folder in empty:
+        (lake_dir / folder / "nothing-here").mkdir(parents=True, exist_ok=True)
+    passes.score(lake["detector"], str(lake_dir), out, config)
+    assert _committed(root / "out", expected) == {f: Counter(ids) for f, ids in expected.items()}
+
+    # a late shard lands (anywhere), and a shard is removed
+    expected.setdefault(late, []).extend(write_shard(lake_dir / late / "late.parquet", [f"{late}/late/0"]))
+    shards = sorted(lake_dir.rglob("*.parquet"))
+    victim = shards[remove % len(shards)]
+    folder = victim.parent.relative_to(lake_dir).as_posix()
+    folder = "" if folder == "." else folder
+    gone = set(write_shard_ids(victim))
+    victim.unlink()
+    expected[folder] = [i for i in expected[folder] if i not in gone]
+    expected = {f: ids for f, ids in expected.items() if ids}
+    passes.score(lake["detector"], str(lake_dir), out, config, resume=True)
+    assert _committed(root / "out", expected) == {f: Counter(ids) for f, ids in expected.items()}
+    shutil.rmtree(root)
+
+
+def write_shard_ids(path: Path) -> list[str]:
+    table = pq.read_table(path)
+    if "id" in table.column_names:
+        return table.column("id").to_pylist()
+    return [f"{path}#{row}" for row in range(table.num_rows)]
+
+
+def _committed(out: Path, expected: dict[str, list[str]]) -> dict[str, Counter]:
+    """The committed ids of every folder that still has input (a folder whose shards all went keeps its output)."""
+    return {folder: ids for folder, ids in ids_by_folder(out).items() if folder in expected}
