@@ -18,7 +18,8 @@ def test_help_lists_every_command_and_each_command_has_its_own_help():
     result = subprocess.run([sys.executable, "-m", "fimood.cli", "--help"], capture_output=True, text=True, check=True)
     listed = re.findall(r"^    ([\w-]+)", result.stdout, re.M)
     assert listed == list(COMMANDS) == [
-        "data", "train", "fit", "score", "evaluate", "study", "demo", "benchmark", "benchmark-pipeline"
+        "data", "train", "fit", "score", "monitor", "evaluate", "study", "monitor-study", "demo", "benchmark",
+        "benchmark-pipeline",
     ]  # fmt: skip
     subcommands = build_parser()._subparsers._group_actions[0].choices
     for name, module in COMMANDS.items():
@@ -127,6 +128,7 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert {row["group_size"] for row in evaluation["rows"]} == {1, 5}
     assert (tmp_path / "scores" / "mnist" / "_SUCCESS").exists()
+    assert "monitor: 7 partitions" in out and (tmp_path / "monitor" / "report" / "index.html").exists()
 
 
 @pytest.mark.slow

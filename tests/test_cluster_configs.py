@@ -24,7 +24,12 @@ def test_cluster_launcher_has_a_gpu_worker_group():
 
 
 @pytest.mark.parametrize(
-    ("name", "command"), [("kuberay/rayjob-fit.yaml", "fit"), ("kuberay/rayjob-score.yaml", "score")]
+    ("name", "command"),
+    [
+        ("kuberay/rayjob-fit.yaml", "fit"),
+        ("kuberay/rayjob-score.yaml", "score"),
+        ("kuberay/rayjob-monitor.yaml", "monitor"),
+    ],
 )
 def test_rayjobs_run_a_job_script_with_valid_flags_on_gpu_workers(name, command):
     (job,) = load_all(name)
@@ -42,11 +47,12 @@ def test_rayjobs_run_a_job_script_with_valid_flags_on_gpu_workers(name, command)
     assert secrets == ["fimood-s3"] and "secret" not in job["spec"]["entrypoint"].lower()
 
 
-def test_nightly_schedule_submits_the_score_job_with_resume():
-    cron, *rbac = load_all("kuberay/nightly-score.yaml")
+def test_nightly_schedule_submits_the_monitor_job_with_history_and_report():
+    cron, *rbac = load_all("kuberay/nightly-monitor.yaml")
     assert cron["kind"] == "CronJob" and len(cron["spec"]["schedule"].split()) == 5
     container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][-1].endswith("rayjob-score.yaml")
-    assert "--resume" in load_all("kuberay/rayjob-score.yaml")[0]["spec"]["entrypoint"]
+    assert container["command"][-1].endswith("rayjob-monitor.yaml")
+    entrypoint = load_all("kuberay/rayjob-monitor.yaml")[0]["spec"]["entrypoint"]
+    assert "--history" in entrypoint and "--report" in entrypoint
     role = next(item for item in rbac if item["kind"] == "Role")
     assert role["rules"][0]["resources"] == ["rayjobs"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fimood.method.baselines import TypicalityTest
-from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
+from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector, load_detector_and_model
 from fimood.method.scoring import SCORING_RULES
 from fimood.method.statistics import FeatureStats
 
@@ -118,3 +118,42 @@ def test_a_format_2_detector_still_loads_and_scores_the_same(tmp_path):
     new = _features(np.random.default_rng(7), 5)
     assert loaded.settings == detector.settings
     np.testing.assert_array_equal(loaded.by_group[1].ood_score(new), detector.by_group[1].ood_score(new))
+
+
+def test_a_truncated_manifest_or_one_from_the_future_is_refused_by_name(tmp_path):
+    _detector(np.random.default_rng(8)).save(str(tmp_path))
+    manifest = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(manifest[: len(manifest) // 2])
+    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON \(half-written or truncated\?\)"):
+        DetectorArtifact.load(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(manifest.replace('"format_version": 3', '"format_version": 99'))
+    with pytest.raises(ValueError, match="format_version must be 3, got 99"):
+        DetectorArtifact.load(str(tmp_path))
+
+
+def test_a_detector_whose_features_are_not_the_models_tensors_is_refused(tmp_path, glow64):
+    from fimood.models import save_model
+
+    sha = save_model(glow64, str(tmp_path / "model"))
+    detector = _detector(np.random.default_rng(9))
+    detector.model_uri, detector.model_sha256 = str(tmp_path / "model"), sha
+    detector.save(str(tmp_path / "detector"))
+    with pytest.raises(ValueError, match="the detector's features are not the model's trainable tensors"):
+        load_detector_and_model(str(tmp_path / "detector"))
+
+
+def test_a_model_changed_since_the_fit_is_refused_on_the_driver_and_by_every_replica(tmp_path, glow64):
+    from conftest import tiny_glow
+
+    from fimood.models import Glow, save_model
+    from fimood.passes.rows import FeatureActor
+
+    sha = save_model(glow64, str(tmp_path / "model"))
+    save_model(tiny_glow(seed=1), str(tmp_path / "model"))  # replaced after the fit
+    detector = _detector(np.random.default_rng(10))
+    detector.model_uri, detector.model_sha256 = str(tmp_path / "model"), sha
+    detector.save(str(tmp_path / "detector"))
+    with pytest.raises(ValueError, match="changed since the detector was fitted"):
+        load_detector_and_model(str(tmp_path / "detector"))
+    with pytest.raises(ValueError, match="changed while the job ran"):  # what each actor checks as it loads
+        FeatureActor(Glow, str(tmp_path / "model"), sha, None, "auto", 1)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import assert_rel_close, tiny_glow
 from torch import nn
 
-from fimood.engine import explain, grad_norms
+from fimood.engine import StrictModeError, check_covered, explain, grad_norms
 from fimood.models import Glow, GroupSum, LikelihoodModel
 from fimood.models.glow import ActNorm
 
@@ -200,3 +200,46 @@ def test_a_ruled_module_the_loss_does_not_reach_gets_zero_norms_of_the_model_dty
     unused = [hooks.names.index(name) for name in ("unused.weight", "unused.bias")]
     assert (hooks.sq_norms[:, unused] == 0).all() and hooks.sq_norms.dtype == torch.float64
     assert explain(model, x)["unused.weight"] == "rule linear_sq_norms"
+
+
+def test_strict_mode_refuses_a_fallback_and_names_the_tensors(user_model, glow64):
+    x = torch.randn(3, *user_model.image_shape, dtype=torch.float64)
+    with pytest.raises(StrictModeError, match=r"strict mode: no rule covers 1 tensors: shared \("):
+        grad_norms(user_model, x, method="hooks", strict=True)
+    with pytest.raises(StrictModeError, match="shared"):
+        check_covered(user_model, x)
+    assert grad_norms(user_model, x, method="hooks").sq_norms.shape == (3, 6)  # not strict: the exact fallback
+    x = torch.rand(2, *glow64.image_shape, dtype=torch.float64)
+    check_covered(glow64, x)
+    assert_rel_close(grad_norms(glow64, x, strict=True).sq_norms, grad_norms(glow64, x, method="loop").sq_norms)
+
+
+def test_the_pipelines_strict_check_refuses_an_uncovered_model(user_model):
+    """`fit` and `score` run this check on the driver, before Ray starts."""
+    from fimood import passes
+    from fimood.passes import rows
+
+    with pytest.raises(StrictModeError, match="shared"):
+        rows.check_strict(user_model, passes.PipelineConfig(strict=True))
+    rows.check_strict(user_model, passes.PipelineConfig())  # not strict: nothing to check
+
+
+def test_a_rule_that_computes_no_norm_for_a_planned_tensor_is_a_clear_error(monkeypatch):
+    from fimood.engine.rules import registry
+
+    class Forgetful(nn.Linear):
+        pass
+
+    monkeypatch.setitem(registry.RULES, Forgetful, lambda module, inputs, outputs, grads: {"weight": grads[0].sum(1)})
+    monkeypatch.setitem(registry.RULE_READS, Forgetful, "inputs")
+
+    class Model(LikelihoodModel):
+        def __init__(self):
+            super().__init__()
+            self.layer = Forgetful(3, 2)  # its rule forgets the bias
+
+        def nll(self, x, seeds=None):
+            return self.layer(x).pow(2).sum(1)
+
+    with pytest.raises(RuntimeError, match=r"planned a rule for \['layer.bias'\] but computed no norm"):
+        grad_norms(Model(), torch.randn(4, 3), method="hooks")

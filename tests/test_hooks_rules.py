@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fimood.engine import explain, grad_norms
+from fimood.engine.rules.linear import weight_sq_norms
 from fimood.models import LikelihoodModel
 from fimood.models.glow import ActNorm, InvConv1x1, LearnedPrior, ZeroConv2d
 
@@ -129,3 +130,16 @@ def test_frozen_parameters_are_skipped_by_rules():
     model = Around(layer.double())
     result = grad_norms(model, torch.randn(2, 3, dtype=torch.float64), method="hooks")
     assert result.names == ["layer.weight"]
+
+
+def test_the_gram_path_never_gives_a_negative_squared_norm_when_positions_cancel():
+    """Two positions with almost the same input and almost opposite output gradients: the per-sample
+    gradient is nearly 0, and the Gram identity's float32 rounding must not take its squared norm
+    below 0 (its log would be NaN)."""
+    torch.manual_seed(0)
+    a, g = torch.randn(512, 1, 300), torch.randn(512, 1, 200)
+    activations = torch.cat([a, a + 1e-4 * torch.randn_like(a)], 1)
+    backprops = torch.cat([g, -g + 1e-4 * torch.randn_like(g)], 1)
+    positions, d, p = 2, 300, 200
+    assert positions * (d + p) < d * p  # the Gram path is the one taken
+    assert (weight_sq_norms(activations, backprops) >= 0).all()

@@ -1,6 +1,8 @@
 """Parquet image tables over fsspec; each kind of bad row becomes an error message, never a crash."""
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fimood.lake.images import decode_image, encode_png
+from fimood.lake.images import decode_cells, decode_image, encode_png
 from fimood.lake.tables import read_image_parquet, write_image_parquet
 from fimood.storage import filesystem
 
@@ -38,6 +40,42 @@ def test_jpeg_bytes_decode_too():
 def test_bad_image_bytes_raise_a_reason(data, message):
     with pytest.raises(ValueError, match=message):
         decode_image(data, (1, 8, 8))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG whose header claims width × height grey pixels, with next to no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def test_an_image_claiming_huge_dimensions_is_refused_before_decoding():
+    bomb = png_claiming(30_000, 30_000)
+    assert len(bomb) < 120
+    with pytest.raises(ValueError, match="decompression bomb"):
+        decode_image(bomb, (1, 8, 8))
+    _, errors = decode_cells([bomb, encode_png(np.zeros((1, 8, 8), np.uint8))], (1, 8, 8))
+    assert errors[1] is None and "decompression bomb" in errors[0]
+
+
+def test_the_same_bad_row_gives_the_same_short_reason_every_time():
+    truncated = encode_png(np.random.default_rng(0).integers(0, 256, (1, 8, 8), dtype=np.uint8))[:-30]
+    for data, reason in [(b"junk", "not a known image format"), (truncated, "truncated or corrupt")]:
+        _, errors = decode_cells([data, bytes(data)], (1, 8, 8))
+        assert errors == [f"image cannot be decoded: {reason}"] * 2  # no object address, nothing that varies
+
+
+def test_a_grey_image_for_a_colour_model_and_the_reverse_are_error_rows():
+    grey, colour = encode_png(np.zeros((1, 8, 8), np.uint8)), encode_png(np.zeros((3, 8, 8), np.uint8))
+    _, errors = decode_cells([grey, colour], (3, 8, 8))
+    assert errors == ["image is grey, the model expects colour images", None]
+    _, errors = decode_cells([grey, colour], (1, 8, 8))
+    assert errors == [None, "image is in colour, the model expects grey images"]
 
 
 def test_write_then_read_shards_keeps_every_row_in_order():

@@ -1,5 +1,7 @@
 """End to end against a real S3 endpoint on loopback (moto's server), through s3fs as in production."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
@@ -14,6 +16,8 @@ from fimood.method.detector import DetectorArtifact
 from fimood.method.features import compute_features, seeds_from_ids
 from fimood.models import load_model, save_model
 
+SECRET = "secret-that-must-never-be-written-4711"
+
 
 @pytest.fixture(scope="module")
 def s3():
@@ -23,7 +27,7 @@ def s3():
     host, port = server.get_host_and_port()
     options = {
         "key": "testing-key",
-        "secret": "testing-secret",
+        "secret": SECRET,
         "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-west-2"},
     }
     s3fs.S3FileSystem(**options).mkdir("lake")
@@ -63,3 +67,40 @@ def test_fit_and_score_on_s3(s3, lake, tmp_path):
     assert (
         "testing" not in repr(detector.extra) and "testing" not in fs.cat_file("lake/detector/manifest.json").decode()
     )
+
+
+def test_monitor_on_s3_and_no_credential_anywhere(s3, lake, tmp_path):
+    """The monitor's Ray reduce reads the score tables from S3; then every object the runs wrote, and
+    Ray's logs of this session, are searched for the secret key: it is nowhere."""
+    import json
+
+    import ray
+
+    from fimood.apps.monitor import MonitorConfig, run_monitor
+    from fimood.apps.monitor_report import write_monitor_report
+    from fimood.lake.history import read_history
+
+    fs = s3fs.S3FileSystem(**s3)
+    if not fs.exists("lake/detector/manifest.json"):
+        test_fit_and_score_on_s3(s3, lake, tmp_path)
+    config = MonitorConfig(
+        detector="s3://lake/detector",
+        data="s3://lake/mnist",
+        scores="s3://lake/monitor/scores",
+        history="s3://lake/monitor/history",
+        report="s3://lake/monitor/report",
+        pipeline=passes.PipelineConfig(batch_size=32, storage_options=s3),
+    )
+    result = run_monitor(config)
+    write_monitor_report(result, config.report, s3)
+    assert [v.partition for v in result.verdicts] == [f"date={day}" for day in DAYS]
+    assert [row["partition"] for row in read_history(config.history, result.detector_id, s3)] == [
+        f"date={day}" for day in DAYS
+    ]
+    assert json.loads(fs.cat_file("lake/monitor/report/summary.json"))["exit_code"] == result.exit_code
+
+    written = {path: fs.cat_file(path) for path in fs.find("lake")}
+    assert len(written) > 20 and not [path for path, data in written.items() if SECRET.encode() in data]
+    session = ray._private.worker._global_node.get_session_dir_path()
+    logs = [path for path in Path(session, "logs").rglob("*") if path.is_file()]  # every process's logs
+    assert logs and not [path for path in logs if SECRET.encode() in path.read_bytes()]

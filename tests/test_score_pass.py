@@ -217,6 +217,42 @@ def _mkdir(folder: Path) -> Path:
     return folder / "part.parquet"
 
 
+def test_an_unreadable_shard_is_named_and_every_other_shard_is_still_scored(lake, tmp_path):
+    data = tmp_path / "lake"
+    good = write_shard(data / "date=1" / "a.parquet", ["a0", "a1"])
+    (data / "date=1" / "x.parquet").write_bytes(b"garbage, not Parquet")
+    other = write_shard(data / "date=2" / "b.parquet", ["b0"])
+    (data / "date=3").mkdir()
+    (data / "date=3" / "y.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(passes.ScoringFailed) as failure:
+        passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig(), resume=True)
+    assert "x.parquet" in str(failure.value) and "y.parquet" in str(failure.value)
+    assert "not a readable Parquet file" in str(failure.value)
+    assert ids_by_folder(tmp_path / "out") == {"date=1": Counter(good), "date=2": Counter(other)}
+    assert [p.status for p in failure.value.summary.partitions] == ["committed", "committed", "failed"]
+    (data / "date=1" / "x.parquet").unlink()  # the marker covers only the readable shard: nothing to redo
+    (data / "date=3" / "y.parquet").unlink()
+    again = passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig(), resume=True)
+    assert [p.status for p in again.partitions] == ["skipped", "skipped"]
+
+
+def test_duplicate_ids_are_each_scored_and_counted_in_the_summary(lake, tmp_path):
+    data = tmp_path / "lake"
+    ids = write_shard(data / "date=1" / "a.parquet", ["d", "d", "e"]) + write_shard(
+        data / "date=1" / "b.parquet", ["e"]
+    )
+    summary = passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig())
+    assert ids_by_folder(tmp_path / "out") == {"date=1": Counter(ids)}
+    assert summary.partitions[0].duplicate_ids == 2 and "2 rows repeat an id (each scored)" in str(summary)
+
+
+def test_a_fit_with_an_unreadable_shard_names_it_before_any_work(lake, tmp_path):
+    shutil.copytree(lake["fit"], tmp_path / "fit")
+    (tmp_path / "fit" / "broken.parquet").write_bytes(b"not Parquet")
+    with pytest.raises(ValueError, match=r"1 shards cannot be read.*broken\.parquet: not a readable Parquet file"):
+        passes.fit(lake["model"], str(tmp_path / "fit"), passes.PipelineConfig())
+
+
 def test_rows_out_that_differ_from_rows_in_fail_and_keep_the_previous_version(lake, tmp_path):
     """A partition whose staged rows fall short of its input is not committed (the commit step alone)."""
     data, out = tmp_path / "lake", tmp_path / "out"
@@ -304,3 +340,15 @@ def write_shard_ids(path: Path) -> list[str]:
 def _committed(out: Path, expected: dict[str, list[str]]) -> dict[str, Counter]:
     """The committed ids of every folder that still has input (a folder whose shards all went keeps its output)."""
     return {folder: ids for folder, ids in ids_by_folder(out).items() if folder in expected}
+
+
+def test_partition_names_cannot_write_outside_the_output(lake, tmp_path):
+    data, out = tmp_path / "lake", tmp_path / "out"
+    ids = {
+        name: write_shard(data / name / "a.parquet", [f"{name}-{i}" for i in range(2)])
+        for name in ("date=..", "date=%2E%2E")
+    }
+    passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lake", "out"]  # nothing written beside the output
+    assert ids_by_folder(out) == {name: Counter(found) for name, found in ids.items()}
+    assert all(path.resolve().is_relative_to(out.resolve()) for path in out.rglob("*"))

@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from fimood import passes
 from fimood.apps.datasets import load_source
 from fimood.apps.evaluate import EvaluationRow, evaluate, format_table, write_json
+from fimood.apps.monitor import MonitorConfig, MonitorResult, run_monitor
+from fimood.apps.monitor_report import write_monitor_report
 from fimood.apps.stages import Stages
 from fimood.apps.training import TrainSummary, train_checkpoint
-from fimood.lake.tables import write_image_parquet
+from fimood.lake.tables import read_image_parquet, write_image_parquet
 from fimood.models.training import TrainConfig
 from fimood.storage import join
 
@@ -24,6 +28,12 @@ class DemoConfig:
     train_steps: int = 1500
     engine: str = "auto"
     seed: int = 0
+    night_rows: int = 500  # rows of each of the monitored week's nights
+
+
+NIGHTS = [f"2026-11-0{day}" for day in range(1, 8)]
+SHIFTED_NIGHTS = NIGHTS[4:]  # 20% MNIST mixed in
+MNIST_SHARE = 0.2
 
 
 @dataclass
@@ -31,6 +41,7 @@ class DemoResult:
     train: TrainSummary
     rows: list[EvaluationRow]
     score: passes.ScoreSummary
+    monitor: MonitorResult
 
     def report(self) -> str:
         return (
@@ -60,10 +71,28 @@ def write_demo_data(out: str) -> dict[str, str]:
     return urls
 
 
+def write_week(out: str, heldout: str, mnist: str, night_rows: int) -> str:
+    """A lake of seven nightly partitions of held-out FashionMNIST rows, the last three with 20% MNIST."""
+    fashion, digits = read_image_parquet(heldout, (1, 28, 28)), read_image_parquet(mnist, (1, 28, 28))
+    lake = join(out, "lake")
+    taken = {"fashion": 0, "mnist": 0}
+    for night in NIGHTS:
+        n_mnist = round(MNIST_SHARE * night_rows) if night in SHIFTED_NIGHTS else 0
+        parts = {"fashion": (fashion, night_rows - n_mnist), "mnist": (digits, n_mnist)}
+        ids, images = [], []
+        for name, (table, n) in parts.items():
+            rows = slice(taken[name], taken[name] + n)
+            ids += table.ids[rows]
+            images.append(table.images[rows])
+            taken[name] += n
+        write_image_parquet(join(lake, f"date={night}"), ids, np.concatenate(images))
+    return lake
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
     """Data → train Glow → fit (the Ray pipeline) on half the test split → evaluate at batch 1 and 5 →
-    score MNIST (the Ray pipeline)."""
-    stages = Stages("demo", 5)
+    score MNIST (the Ray pipeline) → monitor a week of nights."""
+    stages = Stages("demo", 6)
     stages.start(f"write the demo data under {config.out}/data")
     data = write_demo_data(config.out)
     model_url, detector_url = join(config.out, "model"), join(config.out, "detector")
@@ -89,4 +118,15 @@ def run_demo(config: DemoConfig) -> DemoResult:
     )
     stages.start("score MNIST (Ray pipeline)")
     scored = passes.score(detector_url, data["mnist"], join(config.out, "scores", "mnist"), run)
-    return DemoResult(train=trained, rows=rows, score=scored)
+    stages.start("monitor a week of nightly partitions, the last three with 20% MNIST (Ray pipeline)")
+    monitored = MonitorConfig(
+        detector=detector_url,
+        data=write_week(config.out, data["fashion-mnist-heldout"], data["mnist"], config.night_rows),
+        scores=join(config.out, "monitor", "scores"),
+        history=join(config.out, "monitor", "history"),
+        report=join(config.out, "monitor", "report"),
+        pipeline=run,
+    )
+    result = run_monitor(monitored)
+    write_monitor_report(result, monitored.report)
+    return DemoResult(train=trained, rows=rows, score=scored, monitor=result)

@@ -22,4 +22,5 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(DemoConfig(out=args.out, preset=args.preset, train_steps=args.train_steps, engine=args.engine))
     print(result.report())
     print(f"\nscored MNIST through the pipeline: {result.score}; score table under {args.out}/scores/mnist")
+    print(f"\n{result.monitor}\nreport: {args.out}/monitor/report/index.html")
     return 0

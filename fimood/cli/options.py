@@ -87,6 +87,11 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="fail instead of writing (or fitting on) rows of which more than this share could not be scored",
     )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse, before any work, a model with a tensor no hooks-engine rule covers (no vmap fallback)",
+    )
     add_allow_import(parser)
 
 
@@ -105,6 +110,7 @@ def pipeline_config(args: argparse.Namespace):
         address=args.address,
         allowed_imports=tuple(args.allow_import),
         max_error_fraction=args.max_error_fraction,
+        strict=args.strict,
         storage_options=args.storage_options,
     )
 

@@ -273,10 +273,22 @@ def _grad_catcher(call: _Call, index: int, module: nn.Module, sq_norms: dict[str
     return catch
 
 
-def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -> GradNorms:
-    """Per-sample, per-tensor squared gradient norms from one forward and one backward pass."""
+class StrictModeError(ValueError):
+    """In strict mode, a tensor that no rule covers is an error instead of a `vmap` fallback."""
+
+
+def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None, strict: bool = False) -> GradNorms:
+    """Per-sample, per-tensor squared gradient norms from one forward and one backward pass.
+
+    `strict`: raise `StrictModeError` instead of falling back to `vmap` for tensors no rule covers.
+    """
     x = x.detach().requires_grad_(torch.is_floating_point(x))  # the leaf the backward pass runs down to
     plan = _plan(model, x, seeds)
+    fallback = {name: reason for name, reason in plan.reasons.items() if reason is not None}
+    if strict and fallback:
+        for handle in plan.handles:
+            handle.remove()
+        raise StrictModeError(f"strict mode: no rule covers {len(fallback)} tensors: {_listed(fallback)}")
     try:
         extra_inputs = []
         for module_name, call in plan.calls.items():
@@ -300,7 +312,10 @@ def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -
     finally:
         for handle in plan.handles:
             handle.remove()
-    fallback = [name for name, reason in plan.reasons.items() if reason is not None]
+    missed = [name for name, reason in plan.reasons.items() if reason is None and name not in plan.sq_norms]
+    if missed:  # a rule that should have run did not: never a silent zero or a KeyError
+        raise RuntimeError(f"the hooks engine planned a rule for {missed} but computed no norm; use --engine vmap")
+    fallback = list(fallback)
     if fallback:
         logger.debug(
             "hooks engine: %d of %d tensors fall back to vmap: %s",
@@ -314,6 +329,22 @@ def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -
     return GradNorms(
         sq_norms=torch.stack([plan.sq_norms[name] for name in names], dim=1), nll=plan.nll.detach(), names=names
     )
+
+
+def _listed(reasons: dict[str, str], most: int = 5) -> str:
+    shown = "; ".join(f"{name} ({reason})" for name, reason in list(reasons.items())[:most])
+    return shown + (f"; and {len(reasons) - most} more" if len(reasons) > most else "")
+
+
+def check_covered(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -> None:
+    """Raise `StrictModeError` when a rule covers not every trainable tensor (checked on inputs like `x`)."""
+    fallback = {
+        name: how.removeprefix("vmap fallback: ")
+        for name, how in explain(model, x, seeds).items()
+        if how.startswith("vmap fallback")
+    }
+    if fallback:
+        raise StrictModeError(f"strict mode: no rule covers {len(fallback)} tensors: {_listed(fallback)}")
 
 
 def explain(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -> dict[str, str]:

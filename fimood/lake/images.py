@@ -11,6 +11,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_MODES = {1: "L", 3: "RGB"}
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+COLOUR_MODES = ("RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")  # palette images ("P") convert either way
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -23,7 +25,12 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def decode_image(data: bytes | None, image_shape: tuple[int, int, int]) -> np.ndarray:
-    """Encoded image bytes (PNG, JPEG, ...) → uint8 (C, H, W); ValueError says why a row is unusable."""
+    """Encoded image bytes (PNG, JPEG, ...) → uint8 (C, H, W); ValueError says why a row is unusable.
+
+    The reasons are short and the same every run (no object addresses), so errors can be counted by
+    reason. The size is checked from the header before any pixel is decoded, so an image that claims
+    huge dimensions (a decompression bomb) is refused, never expanded.
+    """
     channels, height, width = image_shape
     if data is None or len(data) == 0:
         raise ValueError("image is missing")
@@ -31,9 +38,17 @@ def decode_image(data: bytes | None, image_shape: tuple[int, int, int]) -> np.nd
         with Image.open(io.BytesIO(data)) as image:
             if image.size != (width, height):
                 raise ValueError(f"image is {image.size[0]}x{image.size[1]}, the model expects {width}x{height}")
+            if channels == 1 and image.mode in COLOUR_MODES:
+                raise ValueError("image is in colour, the model expects grey images")
+            if channels == 3 and image.mode in GREY_MODES:
+                raise ValueError("image is grey, the model expects colour images")
             pixels = np.asarray(image.convert(IMAGE_MODES[channels]))
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"image cannot be decoded: {error}") from None
+    except Image.DecompressionBombError:
+        raise ValueError("image cannot be decoded: its header claims too many pixels (decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise ValueError("image cannot be decoded: not a known image format") from None
+    except (OSError, SyntaxError):
+        raise ValueError("image cannot be decoded: truncated or corrupt") from None
     return pixels[None] if channels == 1 else np.transpose(pixels, (2, 0, 1))
 
 
@@ -72,9 +87,9 @@ def shape_of(cell: object) -> tuple[int, int, int]:
     if isinstance(cell, bytes | bytearray):
         try:
             with Image.open(io.BytesIO(cell)) as image:
-                return (1 if image.mode in ("1", "L", "I", "I;16", "F") else 3, image.size[1], image.size[0])
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"image cannot be decoded: {error}") from None
+                return (1 if image.mode in GREY_MODES else 3, image.size[1], image.size[0])
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
+            raise ValueError("image cannot be decoded") from None
     shape = np.asarray(cell).shape
     if len(shape) == 2:
         return (1, *shape)

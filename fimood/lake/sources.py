@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fimood.storage import StorageOptions, filesystem
@@ -141,10 +142,23 @@ class ReadSpec:
     storage_options: StorageOptions = field(default=None, hash=False)
 
 
-def plan_reads(partitions: list[Partition], spec: ReadSpec) -> tuple[list[ReadUnit], list[int]]:
+@dataclass(frozen=True)
+class ReadPlan:
+    """What a pass will read: the units, each partition's row count, and the shards that cannot be read."""
+
+    units: list[ReadUnit]
+    rows: list[int]  # per partition, from the readable shards
+    unreadable: dict[str, str] = field(default_factory=dict)  # shard path → why it cannot be read
+
+    def unreadable_in(self, partition: Partition) -> list[str]:
+        return [shard.path for shard in partition.shards if shard.path in self.unreadable]
+
+
+def plan_reads(partitions: list[Partition], spec: ReadSpec) -> ReadPlan:
     """The read units of every partition and each partition's row count (from the Parquet footers).
 
-    Column names are checked here, on the driver, so a wrong `image_column` fails before any work.
+    Column names are checked here, on the driver, so a wrong `image_column` fails before any work. A
+    shard whose footer cannot be read (not Parquet, truncated) is left out and named in `unreadable`.
     """
     if spec.input_format == "images":
         units = [
@@ -152,13 +166,16 @@ def plan_reads(partitions: list[Partition], spec: ReadSpec) -> tuple[list[ReadUn
             for index, partition in enumerate(partitions)
             for chunk in _chunks(partition.shards, ROWS_PER_READ)
         ]
-        return units, [len(partition.shards) for partition in partitions]
+        return ReadPlan(units, [len(partition.shards) for partition in partitions])
     fs, _ = filesystem(spec.url, spec.storage_options)
     jobs = [(index, shard) for index, partition in enumerate(partitions) for shard in partition.shards]
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         footers = list(pool.map(lambda job: _footer(fs, job[1].path), jobs))
-    units, rows = [], [0] * len(partitions)
+    units, rows, unreadable = [], [0] * len(partitions), {}
     for (index, shard), metadata in zip(jobs, footers, strict=True):
+        if isinstance(metadata, str):
+            unreadable[shard.path] = metadata
+            continue
         _check_columns(shard.path, metadata.schema.to_arrow_schema().names, spec)
         rows[index] += metadata.num_rows
         first_row, groups, group_rows = 0, [], 0
@@ -168,16 +185,22 @@ def plan_reads(partitions: list[Partition], spec: ReadSpec) -> tuple[list[ReadUn
             if group_rows >= ROWS_PER_READ or group == metadata.num_row_groups - 1:
                 units.append(ReadUnit(index, (shard.path,), tuple(groups), first_row, group_rows))
                 first_row, groups, group_rows = first_row + group_rows, [], 0
-    return units, rows
+    return ReadPlan(units, rows, unreadable)
 
 
 def _chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
-def _footer(fs, path: str) -> pq.FileMetaData:
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).metadata
+def _footer(fs, path: str) -> pq.FileMetaData | str:
+    """The shard's Parquet footer, or why it cannot be read (a short, stable reason)."""
+    try:
+        with fs.open(path, "rb") as handle:
+            return pq.ParquetFile(handle).metadata
+    except (pa.ArrowInvalid, OSError) as error:
+        if isinstance(error, FileNotFoundError | PermissionError):
+            raise
+        return "not a readable Parquet file (" + str(error).split(".")[0].strip() + ")"
 
 
 def _check_columns(path: str, columns: list[str], spec: ReadSpec) -> None:

@@ -138,7 +138,12 @@ class DetectorArtifact:
 
     @classmethod
     def load(cls, url: str, storage_options: StorageOptions = None) -> DetectorArtifact:
-        manifest = json.loads(read_bytes(join(url, MANIFEST_NAME), storage_options))
+        try:
+            manifest = json.loads(read_bytes(join(url, MANIFEST_NAME), storage_options))
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"{join(url, MANIFEST_NAME)} is not valid JSON (half-written or truncated?); fit the detector again"
+            ) from None
         if manifest.get("format_version") not in (2, FORMAT_VERSION):
             raise ValueError(f"{url}: format_version must be {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
         arrays = safetensors.numpy.load(read_bytes(join(url, ARRAYS_NAME), storage_options))
@@ -217,5 +222,12 @@ def load_detector_and_model(
         raise ValueError(
             f"the model at {detector.model_uri} changed since the detector was fitted "
             f"(sha256 {model.checkpoint_sha256[:12]}, expected {detector.model_sha256[:12]}); fit the detector again"
+        )
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    if names != detector.feature_names:
+        unknown = sorted(set(detector.feature_names) ^ set(names))[:3] or "their order"
+        raise ValueError(
+            f"{detector_url}: the detector's features are not the model's trainable tensors (they differ in "
+            f"{unknown}); fit the detector again on this model"
         )
     return detector, model

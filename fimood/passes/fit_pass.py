@@ -15,7 +15,7 @@ from fimood.lake.sources import list_partitions, plan_reads
 from fimood.method.detector import DetectorArtifact, DetectorSettings
 from fimood.method.reduce import FitReduce
 from fimood.models import load_model
-from fimood.passes.rows import PipelineConfig, count_errors, feature_rows, matrix, rate, start_ray
+from fimood.passes.rows import PipelineConfig, check_strict, count_errors, feature_rows, matrix, rate, start_ray
 from fimood.storage import absolute_url
 
 logger = logging.getLogger(__name__)
@@ -47,15 +47,20 @@ def fit(
     """Feature pass over `data_url` on an actor pool, streamed into the fit reduce on the driver.
 
     Raises:
-        ValueError: when more than `config.max_error_fraction` of the rows could not be scored: a
-            fit where most rows fail is a bug (wrong column, wrong model), not data.
+        ValueError: when a shard cannot be read, or more than `config.max_error_fraction` of the rows
+            could not be scored: a fit where most rows fail is a bug (wrong column, wrong model), not data.
     """
     start = time.perf_counter()
     settings = settings or DetectorSettings(engine=config.engine, batch_size=config.batch_size)
     model = load_model(model_url, config.storage_options, allowed_imports=config.allowed_imports)
+    check_strict(model, config)
     names = [name for name, _ in trainable_parameters(model)]
     spec = config.read_spec(data_url)
-    units, rows_in = plan_reads(list_partitions(data_url, config.input_format, config.storage_options), spec)
+    plan = plan_reads(list_partitions(data_url, config.input_format, config.storage_options), spec)
+    if plan.unreadable:
+        named = "; ".join(f"{path}: {reason}" for path, reason in sorted(plan.unreadable.items()))
+        raise ValueError(f"{len(plan.unreadable)} shards cannot be read, so nothing was fitted: {named}")
+    units, rows_in = plan.units, plan.rows
     start_ray(config.address)
     reduce = FitReduce(len(names), settings.calibration_fraction, max_calibration_rows)
     rows, reasons = 0, Counter()

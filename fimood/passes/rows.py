@@ -27,7 +27,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 from ray.data.extensions import ArrowTensorArray
 
-from fimood.engine import METHODS
+from fimood.engine import METHODS, check_covered
 from fimood.lake.images import decode_cells
 from fimood.lake.sources import ReadSpec, ReadUnit, check_format, read_unit
 from fimood.method.detector import DetectorArtifact
@@ -54,6 +54,7 @@ class PipelineConfig:
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local Ray
     allowed_imports: tuple[str, ...] = ()  # packages a checkpoint may name its model class from
     max_error_fraction: float = 0.5  # above it a pass fails instead of writing (or fitting on) a table of errors
+    strict: bool = False  # refuse, before any work, a model with a tensor no hooks rule covers (no vmap fallback)
     storage_options: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
@@ -219,6 +220,15 @@ def score_columns(detector: DetectorArtifact, features: pa.Table, z_scores: bool
     for name, column in columns.items():
         table = table.append_column(name, column)
     return table
+
+
+def check_strict(model: LikelihoodModel, config: PipelineConfig) -> None:
+    """With `config.strict`, on the driver before Ray starts: every trainable tensor has a hooks rule."""
+    if config.strict:
+        if config.engine not in ("auto", "hooks") or not getattr(model, "layers_see_samples", True):
+            raise ValueError(f"strict mode checks the hooks engine's rules; the engine here is {config.engine!r}")
+        dtype = next(model.parameters()).dtype
+        check_covered(model, torch.zeros(1, *model.image_shape, dtype=dtype))
 
 
 def feature_rows(

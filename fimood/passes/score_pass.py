@@ -23,6 +23,7 @@ from fimood.passes.rows import (
     IO_TASKS_PER_ACTOR,
     PipelineConfig,
     ScoreActor,
+    check_strict,
     count_errors,
     feature_rows,
     rate,
@@ -43,6 +44,8 @@ class PartitionResult:
     rows: int = 0  # rows in the committed output, read back after the commit
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     reason: str = ""  # why it failed
+    unreadable: dict[str, str] = field(default_factory=dict)  # shards left out: path → why they cannot be read
+    duplicate_ids: int = 0  # rows whose id an earlier row of the partition has (each is scored; ids are not unique)
 
     @property
     def errors(self) -> int:
@@ -75,6 +78,11 @@ class ScoreSummary:
     def failed(self) -> list[PartitionResult]:
         return self._with("failed")
 
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """Every shard that could not be read (its partition's other shards were scored)."""
+        return {path: why for p in self.partitions for path, why in p.unreadable.items()}
+
     def __str__(self) -> str:
         reasons = Counter()
         for partition in self._with("committed"):
@@ -83,21 +91,31 @@ class ScoreSummary:
             f"{self.rows} rows ({count_errors(dict(reasons))}) in "
             f"{len(self._with('committed'))} partitions, {rate(self.rows, self.seconds)}"
         )
+        duplicates = sum(p.duplicate_ids for p in self._with("committed"))
+        if duplicates:
+            text += f"; {duplicates} rows repeat an id (each scored)"
         if self.skipped:
             text += f"; {len(self.skipped)} partitions already committed"
         if self.failed:
             text += f"; {len(self.failed)} partitions FAILED: " + "; ".join(
                 f"{p.folder or '.'}: {p.reason}" for p in self.failed
             )
+        if self.unreadable:
+            text += f"; {len(self.unreadable)} shards UNREADABLE, left out: " + "; ".join(
+                f"{path}: {why}" for path, why in sorted(self.unreadable.items())
+            )
         return text
 
 
 class ScoringFailed(RuntimeError):
-    """Some partitions could not be committed; the others were. `summary` says which."""
+    """Some partitions could not be committed, or some shards could not be read; the rest was. `summary` says which."""
 
     def __init__(self, summary: ScoreSummary):
         names = ", ".join(p.folder or "." for p in summary.failed)
-        super().__init__(f"{len(summary.failed)} partitions not committed ({names}): {summary}")
+        problems = [f"{len(summary.failed)} partitions not committed ({names})"] if summary.failed else []
+        if summary.unreadable:
+            problems.append(f"{len(summary.unreadable)} shards unreadable ({', '.join(sorted(summary.unreadable))})")
+        super().__init__(f"{'; '.join(problems)}: {summary}")
         self.summary = summary
 
 
@@ -122,12 +140,15 @@ def score(
         partitions: globs of input folders to score (`date=2026-11-*`); empty: every folder.
     Raises:
         ScoringFailed: after committing the others, when a partition's rows out differ from its
-            rows in, or its error fraction is above `config.max_error_fraction`.
+            rows in, or its error fraction is above `config.max_error_fraction`, or a shard cannot
+            be read at all (its partition is committed from its other shards, and its marker lists
+            only those, so the next `resume` scores the partition again).
     """
     start = time.perf_counter()
     if overlaps(data_url, out_url, config.storage_options):
         raise ValueError(f"the output {out_url} overlaps the input {data_url}; score into a folder outside it")
     detector, model = load_detector_and_model(detector_url, config.storage_options, config.allowed_imports)
+    check_strict(model, config)
     listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
     fs, out_root = filesystem(out_url, config.storage_options)
     folders = {
@@ -144,20 +165,33 @@ def score(
             todo.append(partition)
     if todo:
         spec = config.read_spec(data_url)
-        units, rows_in = plan_reads(todo, spec)
+        plan = plan_reads(todo, spec)
         with Staging(fs, out_root) as staging:
-            start_ray(config.address)
-            scores = feature_rows(
-                units, spec, detector.model_uri, model, config, ScoreActor, detector=detector, z_scores=z_scores
-            )
             sink = StagingDatasink(fs, staging.path)
-            scores.write_datasink(
-                sink, ray_remote_args={"num_cpus": 0}, concurrency=IO_TASKS_PER_ACTOR * config.num_actors
-            )
+            if plan.units:  # none when every selected shard is unreadable
+                start_ray(config.address)
+                scores = feature_rows(
+                    plan.units,
+                    spec,
+                    detector.model_uri,
+                    model,
+                    config,
+                    ScoreActor,
+                    detector=detector,
+                    z_scores=z_scores,
+                )
+                scores.write_datasink(
+                    sink, ray_remote_args={"num_cpus": 0}, concurrency=IO_TASKS_PER_ACTOR * config.num_actors
+                )
             for index, partition in enumerate(todo):
+                unreadable = {path: plan.unreadable[path] for path in plan.unreadable_in(partition)}
+                if len(unreadable) == len(partition.shards):
+                    reason = "no shard can be read; the previous version is kept"
+                    results.append(PartitionResult(partition.folder, "failed", reason=reason, unreadable=unreadable))
+                    continue
                 marker = Marker(
                     detector.detector_id,
-                    _inputs(partition),
+                    _inputs(partition, unreadable),
                     files=[],
                     rows=0,
                     errors=0,
@@ -166,10 +200,12 @@ def score(
                 )
                 staged = sink.written.get(index, [])
                 folder = folders[partition.folder]
-                results.append(_commit(partition, folder, staged, rows_in[index], marker, config.max_error_fraction))
+                result = _commit(partition, folder, staged, plan.rows[index], marker, config.max_error_fraction)
+                result.unreadable = unreadable
+                results.append(result)
     results.sort(key=lambda result: result.folder)
     summary = ScoreSummary(results, time.perf_counter() - start)
-    if summary.failed:
+    if summary.failed or summary.unreadable:
         raise ScoringFailed(summary)
     return summary
 
@@ -206,8 +242,8 @@ class StagingDatasink(Datasink):
                 self.written.setdefault(index, []).append(path)
 
 
-def _inputs(partition: Partition) -> list[dict]:
-    return [shard.as_dict() for shard in partition.shards]
+def _inputs(partition: Partition, left_out: dict[str, str] | None = None) -> list[dict]:
+    return [shard.as_dict() for shard in partition.shards if shard.path not in (left_out or {})]
 
 
 def _commit(
@@ -220,7 +256,7 @@ def _commit(
 ) -> PartitionResult:
     """Commit one partition's staged files under `marker` (its rows and errors filled in here), unless its
     rows or errors say something went wrong."""
-    rows, reasons = _count(folder.fs, staged)
+    rows, reasons, _ = _count(folder.fs, staged)
     errors = sum(reasons.values())
     result = PartitionResult(partition.folder, "failed", rows_in, rows, reasons)
     if rows != rows_in:
@@ -230,7 +266,8 @@ def _commit(
         result.reason = f"{count_errors(reasons)} in {rows} rows, above the max error fraction {max_error_fraction}"
         return result
     committed = folder.commit(staged, replace(marker, rows=rows, errors=errors))
-    result.rows, result.errors_by_reason = _count(folder.fs, [f"{folder.path}/{name}" for name in committed.files])
+    files = [f"{folder.path}/{name}" for name in committed.files]
+    result.rows, result.errors_by_reason, result.duplicate_ids = _count(folder.fs, files)
     if result.rows != rows_in:
         result.reason = f"{result.rows} rows committed from {rows_in} rows in"
         return result
@@ -238,13 +275,17 @@ def _commit(
     return result
 
 
-def _count(fs, paths: list[str]) -> tuple[int, dict[str, int]]:
-    """Rows in these score files, and their errors counted by reason (only the `error` column is read)."""
-    rows, reasons = 0, Counter()
+def _count(fs, paths: list[str]) -> tuple[int, dict[str, int], int]:
+    """Rows in these score files, their errors counted by reason, and how many rows repeat an earlier
+    row's id (only the `id` and `error` columns are read)."""
+    rows, reasons, ids = 0, Counter(), []
     for path in paths:
         with fs.open(path, "rb") as handle:
-            error = pq.read_table(handle, columns=["error"]).column("error")
+            table = pq.read_table(handle, columns=["id", "error"])
+        error = table.column("error")
         rows += len(error)
+        ids.append(table.column("id"))
         counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
         reasons.update({item["values"].as_py(): item["counts"].as_py() for item in counts})
-    return rows, dict(reasons)
+    distinct = len(pc.unique(pa.chunked_array([c for chunk in ids for c in chunk.chunks], pa.string()))) if ids else 0
+    return rows, dict(reasons), rows - distinct

@@ -12,14 +12,15 @@ def weight_sq_norms(activations: Tensor, backprops: Tensor) -> Tensor:
     """‖Σ_t g_t a_tᵀ‖² per sample, for a (B, T, d) and g (B, T, p), by the cheaper of two exact ways.
 
     Explicit per-sample gradients cost B·T·d·p; the Gram ("ghost norm") identity
-    ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} ⟨a_t, a_s⟩⟨g_t, g_s⟩ costs B·T²·(d + p).
+    ‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} ⟨a_t, a_s⟩⟨g_t, g_s⟩ costs B·T²·(d + p). Its sum can round below zero
+    when positions' gradients cancel (a norm of about zero), so it is clamped at zero.
     """
     _, positions, d = activations.shape
     p = backprops.shape[-1]
     if positions * (d + p) < d * p:
         activation_gram = activations @ activations.transpose(1, 2)
         backprop_gram = backprops @ backprops.transpose(1, 2)
-        return (activation_gram * backprop_gram).flatten(1).sum(1)
+        return (activation_gram * backprop_gram).flatten(1).sum(1).clamp_min(0.0)
     per_sample = backprops.transpose(1, 2) @ activations
     return per_sample.pow(2).flatten(1).sum(1)
 

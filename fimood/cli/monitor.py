@@ -1,0 +1,92 @@
+"""fimood monitor: score what is new, test each partition for dataset shift, keep the history, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+from fimood.cli.options import UsageError, add_pipeline_options, pipeline_config
+
+HELP = "nightly dataset-shift monitoring: per-partition tests under a false-alarm budget, history, HTML report"
+EPILOG = (
+    "exit status: 0 no shift; 3 a partition shifted; 4 could not run (a partition not scored, or bad input); "
+    "2 a wrong command line"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.add_argument("--detector", required=True, help="detector folder URL")
+    parser.add_argument("--data", required=True, help="the lake: Parquet shards or image folders, any layout")
+    parser.add_argument("--scores", required=True, help="score tables (written here by the score pass when missing)")
+    parser.add_argument("--history", required=True, help="history table folder: one row per partition and detector")
+    parser.add_argument("--report", required=True, help="folder for index.html (self-contained) and summary.json")
+    parser.add_argument("--partitions", nargs="+", default=[], metavar="GLOB", help="input folders to monitor")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--nights-per-false-alarm",
+        type=float,
+        default=None,
+        metavar="N",
+        help="lifetime budget (the default, N = 365): at most one false alarm in expectation per N nights",
+    )
+    budget.add_argument(
+        "--alpha", type=float, default=None, help="per-night budget instead: false-alarm level across a night"
+    )
+    parser.add_argument(
+        "--correction",
+        default="bh",
+        choices=["bh", "bonferroni"],
+        help="per-night correction across the night's partitions (with --alpha)",
+    )
+    parser.add_argument(
+        "--min-excess",
+        type=float,
+        default=0.01,
+        help="a shift must move at least this share of a partition's rows beyond the reference...",
+    )
+    parser.add_argument(
+        "--min-layer-shift",
+        type=float,
+        default=0.1,
+        help="...or some layer's mean by at least this many of its in-distribution standard deviations",
+    )
+    add_pipeline_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fimood.apps.monitor import EXIT_COULD_NOT_RUN, MonitorConfig, run_monitor
+    from fimood.method.shift import LifetimeBudget, NightlyBudget
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("the monitor's report draws with matplotlib: pip install 'fimood[plot]'")
+    if args.alpha is None and args.correction != "bh":
+        raise UsageError("--correction applies to the per-night budget: give --alpha too")
+    budget = (
+        NightlyBudget(args.alpha, args.correction)
+        if args.alpha is not None
+        else LifetimeBudget(args.nights_per_false_alarm or 365.0)
+    )
+    config = MonitorConfig(
+        detector=args.detector,
+        data=args.data,
+        scores=args.scores,
+        history=args.history,
+        report=args.report,
+        partitions=tuple(args.partitions),
+        budget=budget,
+        min_excess=args.min_excess,
+        min_layer_shift=args.min_layer_shift,
+        pipeline=pipeline_config(args),
+    )
+    try:
+        result = run_monitor(config)
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        print(f"fimood monitor: could not run: {error}", file=sys.stderr)
+        return EXIT_COULD_NOT_RUN
+    from fimood.apps.monitor_report import write_monitor_report
+
+    page, _ = write_monitor_report(result, args.report, args.storage_options)
+    print(f"{result}\nreport: {page}")
+    return result.exit_code

@@ -1,0 +1,58 @@
+"""The monitor's history: one Parquet file per (partition, detector), a table any Parquet reader opens.
+
+    <history>/detector=<id>/<hash of the partition's folder>.parquet   (one row: summary and verdicts)
+
+Re-running a night rewrites its partitions' files whole (one atomic write each), so a night never
+appears twice; runs for different nights write different files, so neither loses the other's rows.
+The folder reads as one table, with `detector` as a Hive partition column, e.g.
+`pyarrow.dataset.dataset(url, partitioning="hive")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fimood.lake.tables import parquet_bytes
+from fimood.storage import StorageOptions, filesystem, join, write_file
+
+SCHEMA_VERSION = 1
+
+
+def history_file(detector_id: str, partition: str) -> str:
+    """A row's file, relative to the history's root."""
+    return f"detector={detector_id}/{hashlib.sha256(partition.encode()).hexdigest()[:20]}.parquet"
+
+
+def write_history_rows(
+    history_url: str,
+    detector_id: str,
+    rows: list[dict],
+    schema: pa.Schema | None = None,
+    storage_options: StorageOptions = None,
+) -> None:
+    """Write (or replace) each row's file; a row is a dict with at least `partition`.
+
+    Give the `schema` (a `schema_version` column is added to it): every file then has the same
+    columns and types, empty lists included, so the folder reads as one table.
+    """
+    fs, root = filesystem(history_url, storage_options)
+    if schema is not None:
+        schema = schema.append(pa.field("schema_version", pa.int32()))
+    for row in rows:
+        table = pa.Table.from_pylist([{**row, "schema_version": SCHEMA_VERSION}], schema=schema)
+        write_file(fs, join(root, history_file(detector_id, row["partition"])), parquet_bytes(table))
+
+
+def read_history(history_url: str, detector_id: str, storage_options: StorageOptions = None) -> list[dict]:
+    """Every row kept for `detector_id`, in partition order (none when the history is new)."""
+    fs, root = filesystem(join(history_url, f"detector={detector_id}"), storage_options)
+    if not fs.exists(root):
+        return []
+    rows = []
+    for path in sorted(fs.glob(f"{root}/*.parquet")):
+        with fs.open(path, "rb") as handle:
+            rows.extend(pq.read_table(handle).to_pylist())
+    return sorted(rows, key=lambda row: row["partition"])

@@ -1,0 +1,130 @@
+"""The monitor's reduce: committed score tables → one `PartitionSummary` per partition, in Ray.
+
+Ray Data reads the score files that each partition's commit marker lists; each batch becomes a
+partial summary (and its few most OOD rows); the driver only merges partials, never rows.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs
+import ray
+
+from fimood.lake.commit import OutputFolder
+from fimood.lake.images import decode_cells, shape_of
+from fimood.lake.sources import Partition, ReadSpec, plan_reads, read_unit
+from fimood.method.shift import PartitionSummary
+from fimood.storage import StorageOptions, filesystem, join
+
+TOP_ROWS = 8  # most OOD rows kept per partition, shown as thumbnails when it shifts
+COLUMNS = ["id", "ood_score", "error", "z_scores"]
+
+
+@dataclass
+class SummaryWithExamples:
+    summary: PartitionSummary
+    most_ood: list[tuple[float, str]] = field(default_factory=list)  # (ood_score, id), highest first
+
+
+def summarise_partitions(
+    out_url: str,
+    folders: list[str],
+    calibration_scores: np.ndarray,
+    n_layers: int,
+    storage_options: StorageOptions = None,
+) -> dict[str, SummaryWithExamples]:
+    """Summaries of the committed partitions `folders` of a score output (markers must say z-scores)."""
+    fs, root = filesystem(out_url, storage_options)
+    partition_of = {}
+    for folder in folders:
+        path = join(root, folder) if folder else root.rstrip("/")
+        marker = OutputFolder(fs, path).read_marker()
+        if marker is None or not marker.z_scores:
+            raise ValueError(f"{join(out_url, folder)}: no committed score table with z-scores to summarise")
+        partition_of.update({join(path, name): folder for name in marker.files})
+    results = {
+        folder: SummaryWithExamples(PartitionSummary.empty(len(calibration_scores), n_layers)) for folder in folders
+    }
+    if not partition_of:
+        return results
+    rows = ray.data.read_parquet(
+        sorted(partition_of),
+        filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
+        columns=COLUMNS,
+        include_paths=True,
+    )
+    partials = rows.map_batches(
+        _partial_summaries,
+        fn_kwargs={"calibration_scores": calibration_scores, "n_layers": n_layers, "partition_of": partition_of},
+        batch_format="pyarrow",
+        batch_size=4096,
+    )
+    for partial in partials.iter_rows():
+        result = results[partial["partition"]]
+        result.summary = result.summary.merge(_summary_of(partial))
+        result.most_ood = heapq.nlargest(TOP_ROWS, result.most_ood + json.loads(partial["most_ood"]))
+    return results
+
+
+def _partial_summaries(
+    batch: pa.Table, calibration_scores: np.ndarray, n_layers: int, partition_of: dict[str, str]
+) -> pa.Table:
+    """One row per partition in the batch: its partial summary, columns as lists."""
+    out = []
+    paths = np.array(batch.column("path").to_pylist(), dtype=object)
+    for path in np.unique(paths):
+        part = batch.filter(pa.array(paths == path))
+        ok = np.asarray(part.column("error").is_null())
+        scores = part.column("ood_score").to_numpy(zero_copy_only=False)[ok]
+        z = np.array(part.column("z_scores").filter(pa.array(ok)).to_pylist(), np.float64).reshape(-1, n_layers)
+        summary = PartitionSummary.from_rows(calibration_scores, scores, z, part.column("error").to_pylist())
+        ids = np.array(part.column("id").to_pylist(), dtype=object)[ok]
+        top = np.argsort(-scores)[:TOP_ROWS]
+        out.append(
+            {
+                "partition": partition_of[path],
+                "rows": summary.rows,
+                "errors_by_reason": json.dumps(summary.errors_by_reason),
+                "rank_counts": summary.rank_counts.tolist(),
+                "z_sum": summary.z_sum.tolist(),
+                "z_sq_sum": summary.z_sq_sum.tolist(),
+                "most_ood": json.dumps([(float(scores[i]), str(ids[i])) for i in top]),
+            }
+        )
+    return pa.Table.from_pylist(out)
+
+
+def _summary_of(row: dict) -> PartitionSummary:
+    return PartitionSummary(
+        rows=row["rows"],
+        errors_by_reason=json.loads(row["errors_by_reason"]),
+        rank_counts=np.asarray(row["rank_counts"], np.int64),
+        z_sum=np.asarray(row["z_sum"], np.float64),
+        z_sq_sum=np.asarray(row["z_sq_sum"], np.float64),
+    )
+
+
+def fetch_images(partition: Partition, spec: ReadSpec, ids: list[str]) -> dict[str, np.ndarray]:
+    """The decoded images of `ids` from one input partition, read in a Ray task (uint8 (C, H, W) each)."""
+    return ray.get(_fetch_images.remote(partition, spec, list(ids)))
+
+
+@ray.remote(num_cpus=0)
+def _fetch_images(partition: Partition, spec: ReadSpec, ids: list[str]) -> dict[str, np.ndarray]:
+    wanted, found = set(ids), {}
+    for unit in plan_reads([partition], spec).units:
+        unit_ids, cells = read_unit(unit, spec)
+        keep = [i for i, row_id in enumerate(unit_ids) if row_id in wanted]
+        if keep:
+            images, errors = decode_cells([cells[i] for i in keep], shape_of(cells[keep[0]]))
+            found.update(
+                {unit_ids[i]: image for i, image, error in zip(keep, images, errors, strict=True) if not error}
+            )
+        if len(found) == len(wanted):
+            break
+    return found

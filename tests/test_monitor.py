@@ -1,0 +1,168 @@
+"""Nightly monitoring end to end: seven nights of FashionMNIST, the last three with 20% MNIST mixed in."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fimood import passes
+from fimood.apps.datasets import load_source
+from fimood.cli import main
+from fimood.lake.history import read_history, write_history_rows
+from fimood.lake.tables import write_image_parquet
+from fimood.models import Glow, save_model
+from fimood.models.training import TrainConfig, train
+
+NIGHTS = [f"2026-11-0{day}" for day in range(1, 8)]
+SHIFTED = NIGHTS[4:]
+ROWS_PER_NIGHT = 500
+FIT_ROWS = 2000
+MNIST_SHARE = 0.2
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory, ray_session):
+    """A tiny Glow and its detector fitted on FashionMNIST rows, and a lake of seven nightly partitions."""
+    root = tmp_path_factory.mktemp("monitor")
+    fashion = load_source("fashion-mnist", "test", limit=FIT_ROWS + len(NIGHTS) * ROWS_PER_NIGHT)
+    mnist = load_source("mnist", limit=len(SHIFTED) * ROWS_PER_NIGHT)
+    torch.manual_seed(0)
+    model = Glow.from_preset("tiny")
+    train(model, fashion.images[:FIT_ROWS], TrainConfig(steps=100, batch_size=32, warmup_steps=10), progress=False)
+    urls = {name: str(root / name) for name in ("model", "fit", "lake", "detector", "scores", "history", "report")}
+    save_model(model, urls["model"])
+    write_image_parquet(urls["fit"], fashion.ids[:FIT_ROWS], fashion.images[:FIT_ROWS], rows_per_shard=500)
+    detector, _ = passes.fit(urls["model"], urls["fit"], passes.PipelineConfig(batch_size=64))
+    detector.save(urls["detector"])
+    taken_fashion, taken_mnist = FIT_ROWS, 0
+    for night in NIGHTS:
+        n_mnist = int(MNIST_SHARE * ROWS_PER_NIGHT) if night in SHIFTED else 0
+        n_fashion = ROWS_PER_NIGHT - n_mnist
+        ids = fashion.ids[taken_fashion : taken_fashion + n_fashion] + mnist.ids[taken_mnist : taken_mnist + n_mnist]
+        images = np.concatenate(
+            [
+                fashion.images[taken_fashion : taken_fashion + n_fashion],
+                mnist.images[taken_mnist : taken_mnist + n_mnist],
+            ]
+        )
+        write_image_parquet(f"{urls['lake']}/date={night}", ids, images, rows_per_shard=250)
+        taken_fashion, taken_mnist = taken_fashion + n_fashion, taken_mnist + n_mnist
+    return urls
+
+
+def monitor(urls: dict, *extra: str) -> int:
+    flags = [f"--{name}={urls[name]}" for name in ("detector", "scores", "history", "report")]
+    return main(["monitor", f"--data={urls['lake']}", *flags, "--batch-size=64", *extra])
+
+
+def verdicts(urls: dict) -> dict[str, str]:
+    summary = json.loads(Path(urls["report"], "summary.json").read_text())
+    assert summary["schema"] == "fimood-monitor-summary" and summary["schema_version"] == 1
+    return {entry["partition"]: entry for entry in summary["partitions"]}
+
+
+def test_the_shifted_nights_are_flagged_with_their_layers_and_the_exit_code_says_shift(monitored):
+    assert monitor(monitored) == 3
+    found = verdicts(monitored)
+    assert {night: found[f"date={night}"]["verdict"] for night in NIGHTS} == {
+        night: "shift" if night in SHIFTED else "ok" for night in NIGHTS
+    }
+    for night in SHIFTED:
+        assert found[f"date={night}"]["top_layers"], "a shift names the layers that moved"
+    page = Path(monitored["report"], "index.html").read_text()
+    assert found[f"date={SHIFTED[0]}"]["top_layers"][0] in page and page.count("data:image/png;base64,") >= 4
+
+
+def test_rerunning_a_night_replaces_its_history_row(monitored):
+    if not Path(monitored["history"]).exists():
+        assert monitor(monitored) == 3
+    before = {
+        row["partition"]: row["monitored_at"] for row in read_history(monitored["history"], detector_id(monitored))
+    }
+    assert monitor(monitored, "--partitions", f"date={SHIFTED[1]}") == 3
+    rows = read_history(monitored["history"], detector_id(monitored))
+    assert [row["partition"] for row in rows] == [f"date={night}" for night in NIGHTS]
+    table = pads.dataset(monitored["history"], format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == len(NIGHTS) and set(table.column("detector").to_pylist()) == {detector_id(monitored)}
+    assert sum(before[row["partition"]] != row["monitored_at"] for row in rows) <= 1
+
+
+def test_history_writers_for_different_nights_keep_each_others_rows(tmp_path):
+    def write(night: str) -> None:
+        write_history_rows(str(tmp_path), "d", [{"partition": f"date={night}", "verdict": "ok"}])
+
+    threads = [threading.Thread(target=write, args=(night,)) for night in NIGHTS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    write("2026-11-03")  # and a re-run
+    assert [row["partition"] for row in read_history(str(tmp_path), "d")] == [f"date={night}" for night in NIGHTS]
+
+
+def test_a_night_that_cannot_be_scored_exits_could_not_run(monitored, tmp_path):
+    urls = {**monitored, **{name: str(tmp_path / name) for name in ("lake", "scores", "history", "report")}}
+    shutil.copytree(Path(monitored["lake"], f"date={NIGHTS[0]}"), Path(urls["lake"], f"date={NIGHTS[0]}"))
+    broken = Path(urls["lake"], f"date={NIGHTS[1]}")
+    broken.mkdir()
+    ids = pq.read_table(Path(monitored["lake"], f"date={NIGHTS[1]}"), columns=["id"]).column("id")
+    pq.write_table(pa.table({"id": ids, "image": [b"not an image"] * len(ids)}), broken / "part-00000.parquet")
+    assert monitor(urls) == 4
+    found = verdicts(urls)
+    assert found[f"date={NIGHTS[0]}"]["verdict"] == "ok"
+    assert (
+        found[f"date={NIGHTS[1]}"]["verdict"] == "could not run"
+        and "error fraction" in found[f"date={NIGHTS[1]}"]["reason"]
+    )
+
+
+def test_a_monitor_with_nothing_to_read_says_so_in_one_line(monitored, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert monitor({**monitored, "lake": str(tmp_path / "empty")}) == 4
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (.ci/setup installs it)")
+def test_the_report_opens_in_headless_chromium_without_console_errors(monitored, tmp_path):
+    if not Path(monitored["report"], "index.html").exists():
+        monitor(monitored)
+    page = Path(monitored["report"], "index.html")
+    run = subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "fimood monitor" in run.stdout and run.stdout.count("<img") >= 4
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+
+
+def detector_id(urls: dict) -> str:
+    from fimood.method.detector import DetectorArtifact
+
+    return DetectorArtifact.load(urls["detector"]).detector_id
