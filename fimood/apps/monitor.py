@@ -115,7 +115,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     start = time.perf_counter()
     stages = Stages("monitor", 4)
     detector = DetectorArtifact.load(config.detector, config.pipeline.storage_options)
-    reference = Reference.of(detector)
+    reference = Reference.of(detector.by_group[1], detector.feature_names)
     listed = list_partitions(
         config.data, config.pipeline.input_format, config.pipeline.storage_options, config.partitions
     )
@@ -164,10 +164,11 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     verdicts.sort(key=lambda v: v.partition)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tested = [v for v in verdicts if v.tests is not None]
+    tested_names = {v.partition for v in tested}
     earlier = [
         row
         for row in read_history(config.history, detector.detector_id, config.pipeline.storage_options)
-        if row["partition"] not in {v.partition for v in tested}
+        if row["partition"] not in tested_names
     ]
     _decide(tested, earlier, config)
 
@@ -200,9 +201,10 @@ def _decide(tested: list[PartitionVerdict], earlier: list[dict], config: Monitor
     """Each tested partition's verdict under the budget: significant, and its effect large enough."""
     large = {v.partition: v.tests.large(config.min_excess, config.min_layer_shift) for v in tested}
     if isinstance(config.budget, NightlyBudget):
-        significant = config.budget.significant([v.tests.p_value for v in tested])
-        for verdict, flag in zip(tested, significant, strict=True):
-            verdict.verdict = "shift" if flag and large[verdict.partition] else "ok"
+        adjusted = config.budget.adjusted([v.tests.p_value for v in tested])
+        for verdict, p_value in zip(tested, adjusted, strict=True):
+            verdict.statistic = p_value
+            verdict.verdict = "shift" if p_value <= config.budget.alpha and large[verdict.partition] else "ok"
         return
     # lifetime: the Shiryaev–Roberts path over every partition the history knows, in partition order
     sequence = sorted(

@@ -115,14 +115,8 @@ def _model_statistics(name, model, fit: ImageTable, pools: dict[str, ImageTable]
         for pool, table in pools.items()
     }
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    kept = detector.rule_.kept_features_
     gradient = Statistic(
-        Reference(
-            len(detector.calibration_scores_),
-            int((detector.calibration_scores_ > detector.threshold_).sum()),
-            detector.stats_.count,
-            [n for n, keep in zip(names, kept, strict=True) if keep],
-        ),
+        Reference.of(detector, names),
         detector.calibration_scores_,
         {pool: detector.ood_score(f.log_sq_norms) for pool, f in features.items()},
         {pool: detector.rule_.z_scores(f.log_sq_norms) for pool, f in features.items()},

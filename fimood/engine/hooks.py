@@ -288,7 +288,7 @@ def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None, s
     if strict and fallback:
         for handle in plan.handles:
             handle.remove()
-        raise StrictModeError(f"strict mode: no rule covers {len(fallback)} tensors: {_listed(fallback)}")
+        _refuse(fallback)
     try:
         extra_inputs = []
         for module_name, call in plan.calls.items():
@@ -331,20 +331,21 @@ def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None, s
     )
 
 
-def _listed(reasons: dict[str, str], most: int = 5) -> str:
-    shown = "; ".join(f"{name} ({reason})" for name, reason in list(reasons.items())[:most])
-    return shown + (f"; and {len(reasons) - most} more" if len(reasons) > most else "")
+def _refuse(fallback: dict[str, str], most: int = 5) -> None:
+    """Strict mode's error: the tensors no rule covers (tensor → why), the first few named."""
+    shown = "; ".join(f"{name} ({reason})" for name, reason in list(fallback.items())[:most])
+    more = f"; and {len(fallback) - most} more" if len(fallback) > most else ""
+    raise StrictModeError(f"strict mode: no rule covers {len(fallback)} tensors: {shown}{more}")
 
 
 def check_covered(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -> None:
     """Raise `StrictModeError` when a rule covers not every trainable tensor (checked on inputs like `x`)."""
-    fallback = {
-        name: how.removeprefix("vmap fallback: ")
-        for name, how in explain(model, x, seeds).items()
-        if how.startswith("vmap fallback")
-    }
+    plan = _plan(model, x.detach().requires_grad_(torch.is_floating_point(x)), seeds)
+    for handle in plan.handles:
+        handle.remove()
+    fallback = {name: reason for name, reason in plan.reasons.items() if reason is not None}
     if fallback:
-        raise StrictModeError(f"strict mode: no rule covers {len(fallback)} tensors: {_listed(fallback)}")
+        _refuse(fallback)
 
 
 def explain(model: nn.Module, x: Tensor, seeds: Tensor | None = None) -> dict[str, str]:

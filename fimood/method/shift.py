@@ -87,15 +87,14 @@ class Reference:
     layer_names: list[str]  # of the kept features, in z-score order
 
     @classmethod
-    def of(cls, detector) -> Reference:
-        """The reference of a `DetectorArtifact`'s per-row detector."""
-        per_row = detector.by_group[1]
+    def of(cls, per_row, feature_names: list[str]) -> Reference:
+        """The reference of a fitted per-row `GradNormDetector` over features named `feature_names`."""
         kept = per_row.rule_.kept_features_
         return cls(
             n_calibration=len(per_row.calibration_scores_),
             above_threshold=int((per_row.calibration_scores_ > per_row.threshold_).sum()),
             n_fit=per_row.stats_.count,
-            layer_names=[name for name, keep in zip(detector.feature_names, kept, strict=True) if keep],
+            layer_names=[name for name, keep in zip(feature_names, kept, strict=True) if keep],
         )
 
     @property
@@ -260,10 +259,12 @@ class NightlyBudget:
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {sorted(CORRECTIONS)}, got {self.correction!r}")
 
+    def adjusted(self, p_values: list[float]) -> list[float]:
+        """The night's p-values corrected across its partitions; significant where at most `alpha`."""
+        return [float(p) for p in CORRECTIONS[self.correction](np.array(p_values, dtype=np.float64))]
+
     def significant(self, p_values: list[float]) -> list[bool]:
-        if not p_values:
-            return []
-        return list(CORRECTIONS[self.correction](np.array(p_values)) <= self.alpha)
+        return [p <= self.alpha for p in self.adjusted(p_values)]
 
     def describe(self) -> str:
         return f"per night: α = {self.alpha}, {self.correction} across the night's partitions"

@@ -278,14 +278,14 @@ def _commit(
 def _count(fs, paths: list[str]) -> tuple[int, dict[str, int], int]:
     """Rows in these score files, their errors counted by reason, and how many rows repeat an earlier
     row's id (only the `id` and `error` columns are read)."""
-    rows, reasons, ids = 0, Counter(), []
+    rows, reasons, id_chunks = 0, Counter(), []
     for path in paths:
         with fs.open(path, "rb") as handle:
             table = pq.read_table(handle, columns=["id", "error"])
         error = table.column("error")
         rows += len(error)
-        ids.append(table.column("id"))
+        id_chunks += table.column("id").chunks
         counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
         reasons.update({item["values"].as_py(): item["counts"].as_py() for item in counts})
-    distinct = len(pc.unique(pa.chunked_array([c for chunk in ids for c in chunk.chunks], pa.string()))) if ids else 0
+    distinct = pc.count_distinct(pa.chunked_array(id_chunks, pa.string())).as_py()
     return rows, dict(reasons), rows - distinct

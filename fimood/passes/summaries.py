@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs
 import ray
 
@@ -81,7 +82,8 @@ def _partial_summaries(
         part = batch.filter(pa.array(paths == path))
         ok = np.asarray(part.column("error").is_null())
         scores = part.column("ood_score").to_numpy(zero_copy_only=False)[ok]
-        z = np.array(part.column("z_scores").filter(pa.array(ok)).to_pylist(), np.float64).reshape(-1, n_layers)
+        z_lists = part.column("z_scores").filter(pa.array(ok)).combine_chunks()
+        z = pc.list_flatten(z_lists).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, n_layers)
         summary = PartitionSummary.from_rows(calibration_scores, scores, z, part.column("error").to_pylist())
         ids = np.array(part.column("id").to_pylist(), dtype=object)[ok]
         top = np.argsort(-scores)[:TOP_ROWS]
