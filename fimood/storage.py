@@ -3,15 +3,93 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 StorageOptions = dict[str, Any] | None
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+RETRY_SECONDS_ENV = "FIMOOD_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 120.0
+
+
+class StorageUnavailable(RuntimeError):
+    """The object store stayed unreachable past the retry deadline (`FIMOOD_STORAGE_RETRY_SECONDS`)."""
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the store did not answer", worth another try; any other error is final."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import botocore.exceptions
+
+        errors += [botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+UNREACHABLE = _unreachable_errors()
+
+
+def retry_seconds() -> float:
+    return float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS))
+
+
+def retrying(action: Callable[[], T], what: str) -> T:
+    """`action()`, tried again with growing waits while the store is unreachable, for a bounded time.
+
+    The store's client retries a few seconds by itself; this rides out an outage of minutes (a
+    restarting endpoint, a network blip) and then stops with one clear `StorageUnavailable`.
+    """
+    seconds = retry_seconds()
+    deadline, wait = time.monotonic() + seconds, 1.0
+    while True:
+        try:
+            return action()
+        except UNREACHABLE as error:
+            if time.monotonic() + wait > deadline:
+                raise StorageUnavailable(
+                    f"{what}: the storage did not answer for {seconds:g} s ({error}); what was committed "
+                    f"before is kept: run again when it is back (set {RETRY_SECONDS_ENV} to wait longer)"
+                ) from None
+            logger.warning("%s: the storage did not answer (%s); trying again in %.0f s", what, error, wait)
+            time.sleep(wait)
+            wait = min(2 * wait, 15.0)
+
+
+class RetryingFileSystem:
+    """An fsspec filesystem whose every call is `retrying`; the local one needs none and is used as it is."""
+
+    def __init__(self, fs: AbstractFileSystem):
+        self.fs = fs
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.fs, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            return retrying(lambda: attribute(*args, **kwargs), f"{name} {args[0] if args else ''}".strip())
+
+        return call
+
+    def __reduce__(self):
+        return RetryingFileSystem, (self.fs,)
+
+
+def resilient(fs: AbstractFileSystem) -> AbstractFileSystem:
+    return fs if isinstance(fs, LocalFileSystem | RetryingFileSystem) else RetryingFileSystem(fs)
 
 
 def filesystem(url: str, storage_options: StorageOptions = None) -> tuple[AbstractFileSystem, str]:
@@ -47,9 +125,30 @@ def _canonical(fs: AbstractFileSystem, path: str) -> str:
 
 def read_bytes(url: str, storage_options: StorageOptions = None) -> bytes:
     fs, path = filesystem(url, storage_options)
+    fs = resilient(fs)
     if not fs.exists(path):
         raise FileNotFoundError(f"no such file: {url}")
     return fs.cat_file(path)
+
+
+def parse_json(data: bytes, url: str, *, fix: str) -> Any:
+    """The JSON document read from `url`; anything else (truncated, half-written, a planted pickle) is one
+    clear error naming the file and `fix`."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(
+            f"{url} is not valid JSON (half-written, truncated, or not written by fimood); {fix}"
+        ) from None
+
+
+def parse_safetensors(data: bytes, load: Callable[[bytes], T], url: str, *, fix: str) -> T:
+    """`load` (safetensors' numpy or torch loader) of bytes read from `url`, never unpickled; anything else
+    is one clear error naming the file and `fix`."""
+    try:
+        return load(data)
+    except Exception as error:  # safetensors raises its own SafetensorError on any malformed header
+        raise ValueError(f"{url} is not a readable safetensors file ({error}); {fix}") from None
 
 
 def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -> None:
@@ -58,7 +157,9 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None) -
 
 
 def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write a file whole: one PUT on object stores; locally, a temporary file renamed into place."""
+    """Write a file whole: one PUT on object stores (retried while the store is unreachable); locally, a
+    temporary file renamed into place."""
+    fs = resilient(fs)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         fs.makedirs(parent, exist_ok=True)

@@ -124,7 +124,7 @@ def test_a_truncated_manifest_or_one_from_the_future_is_refused_by_name(tmp_path
     _detector(np.random.default_rng(8)).save(str(tmp_path))
     manifest = (tmp_path / "manifest.json").read_text()
     (tmp_path / "manifest.json").write_text(manifest[: len(manifest) // 2])
-    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON \(half-written or truncated\?\)"):
+    with pytest.raises(ValueError, match=r"manifest.json is not valid JSON \(half-written, .*fit the detector again"):
         DetectorArtifact.load(str(tmp_path))
     (tmp_path / "manifest.json").write_text(manifest.replace('"format_version": 3', '"format_version": 99'))
     with pytest.raises(ValueError, match="format_version must be 3, got 99"):

@@ -67,7 +67,7 @@ def monitor(urls: dict, *extra: str) -> int:
 
 def verdicts(urls: dict) -> dict[str, str]:
     summary = json.loads(Path(urls["report"], "summary.json").read_text())
-    assert summary["schema"] == "fimood-monitor-summary" and summary["schema_version"] == 1
+    assert summary["schema"] == "fimood-monitor-summary" and summary["schema_version"] == 2
     return {entry["partition"]: entry for entry in summary["partitions"]}
 
 

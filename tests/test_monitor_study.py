@@ -45,7 +45,9 @@ def test_a_small_monitor_study_measures_every_method_and_writes_its_tables(tmp_p
     assert {(e["method"], e["nights"]) for e in result.false_alarms} == {(method, 30) for method in METHODS}
     assert {(e["method"], e["share"], e["nights"]) for e in result.power} == {(m, 0.5, 10) for m in METHODS}
     assert all(0 <= e["flagged"] <= e["nights"] for e in result.false_alarms + result.power)
-    assert [e["budget"] for e in result.lifetime] == [20.0, 365.0]
+    assert [(e["method"], e["budget"]) for e in result.lifetime] == [
+        (method, budget) for method in ("gradient", "gradient-centred") for budget in (20.0, 365.0)
+    ]
     markdown = write_monitor_study(result, str(tmp_path / "docs"), "fimood monitor-study --models glow", 60.0)
     text = Path(markdown).read_text()
     assert "`fimood monitor-study --models glow`" in text and "| glow | 40 |" in text and "| glow | pixels-ks |" in text

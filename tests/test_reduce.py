@@ -38,7 +38,7 @@ def test_batching_and_order_do_not_change_the_fit():
     assert typicality.entropy_ == pytest.approx(nll[hashes >= 0.2].mean())
 
 
-def test_calibration_sample_is_bounded_to_the_smallest_hashes_in_any_order():
+def test_calibration_sample_is_bounded_to_the_smallest_hashes_and_the_rest_join_the_fit_in_any_order():
     ids, features, nll = _rows(2000)
     fits = [
         _feed(FitReduce(4, 0.5, max_calibration_rows=50), ids, features, nll, 16, order).finish(0.05, "paper")[0]
@@ -46,10 +46,21 @@ def test_calibration_sample_is_bounded_to_the_smallest_hashes_in_any_order():
     ]
     hashes = split_hash(ids)
     smallest = np.argsort(hashes)[:50]
-    expected = np.sort(GradNormDetector(rule="paper").fit(features[hashes >= 0.5]).ood_score(features[smallest]))
+    rest = np.setdiff1d(np.arange(2000), smallest)  # the fit rows and the calibration rows past the cap
+    expected = np.sort(GradNormDetector(rule="paper").fit(features[rest]).ood_score(features[smallest]))
     for fit in fits:
-        assert len(fit.calibration_scores_) == 50
+        assert len(fit.calibration_scores_) == 50 and fit.stats_.count == 1950
         np.testing.assert_allclose(fit.calibration_scores_, expected, rtol=1e-10)
+
+
+def test_streaming_memory_stays_within_its_bound_whatever_the_rows():
+    """The reduce's peak (tracemalloc) is under `memory_bound_bytes` and does not grow with the rows streamed."""
+    from fimood.apps.benchmark import run_reduce_benchmark
+
+    runs = [run_reduce_benchmark(rows, 40, 2000, 0.5, 512) for rows in (20_000, 80_000)]
+    for run in runs:
+        assert run.calibration_rows == 2000 and run.streaming_peak_mib <= run.bound_mib
+    assert runs[1].streaming_peak_mib <= 1.1 * runs[0].streaming_peak_mib
 
 
 def test_too_few_rows_is_a_clear_error():

@@ -158,25 +158,28 @@ def test_staging_of_a_dead_run_is_removed_and_a_live_runs_is_kept(tmp_path):
 
 
 @pytest.mark.parametrize("killed_after", ["journal", "moved", "marker"])
-def test_a_commit_killed_halfway_is_finished_or_rolled_back(tmp_path, killed_after):
-    """Replay a commit's steps up to a point, as a killed run leaves them; `recover` restores one whole version."""
+def test_a_commit_killed_halfway_is_finished_or_rolled_back_to_the_previous_version(tmp_path, killed_after):
+    """Replay a commit's steps up to a point, as a killed run leaves them; `recover` restores one whole
+    version: the new one once its marker is written, else the previous one, marker included."""
     folder = OutputFolder(LocalFileSystem(), str(tmp_path / "d"))
     (tmp_path / "d").mkdir()
     old, new = ["part-old-00000.parquet"], ["part-new-00000.parquet"]
     (tmp_path / "d" / old[0]).write_bytes(b"old")
     (tmp_path / "d" / MARKER).write_text(json.dumps(_marker(old)))
     (tmp_path / "d" / "user.parquet").write_bytes(b"user")
-    (tmp_path / "d" / JOURNAL).write_text(json.dumps({"incoming": new, "replaced": old}))
+    journal = {"incoming": new, "replaced": old, "previous": _marker(old)}
+    (tmp_path / "d" / JOURNAL).write_text(json.dumps(journal))
     if killed_after in ("moved", "marker"):
         (tmp_path / "d" / MARKER).unlink()
         (tmp_path / "d" / new[0]).write_bytes(b"new")
+        assert folder.current().files == old  # what readers get meanwhile
     if killed_after == "marker":
         (tmp_path / "d" / MARKER).write_text(json.dumps(_marker(new)))
     folder.recover()
     names = sorted(p.name for p in (tmp_path / "d").iterdir())
-    expected_data = {"journal": old, "moved": [], "marker": new}[killed_after]
-    expected_marker = [MARKER] if killed_after != "moved" else []
-    assert names == sorted([*expected_data, *expected_marker, "user.parquet"])
+    expected_data = {"journal": old, "moved": old, "marker": new}[killed_after]
+    assert names == sorted([*expected_data, MARKER, "user.parquet"])
+    assert folder.read_marker().files == expected_data and folder.read_journal() is None
 
 
 def _marker(files: list[str]) -> dict:

@@ -23,20 +23,30 @@ from fimood.method.shift import (
 LAYERS = [f"layer{i}" for i in range(6)]
 
 
-def reference_and_summary(rng, calibration, scores, z, n_fit=5000, rate=0.05):
-    """A reference with a 5% threshold over sorted `calibration`, and the summary of `scores`, `z`."""
+def reference_and_summary(rng, calibration, scores, z, n_fit=5000, rate=0.05, correlation=None):
+    """A reference with a 5% threshold over sorted `calibration` and the layers' `correlation` (default:
+    independent layers, estimated from n_fit rows), and the summary of `scores`, `z`."""
     calibration = np.sort(calibration)
     threshold = np.quantile(calibration, 1 - rate, method="higher")
-    reference = Reference(len(calibration), int((calibration > threshold).sum()), n_fit, LAYERS)
+    if correlation is None:
+        correlation = np.corrcoef(rng.normal(size=(n_fit, len(LAYERS))), rowvar=False)
+    reference = Reference(len(calibration), int((calibration > threshold).sum()), n_fit, LAYERS, correlation)
     summary = PartitionSummary.from_rows(calibration, scores, z, [None] * len(scores))
     return reference, summary
 
 
+def correlated_rows(rng, n, shared=0.5):
+    """Layers whose norms move together, as gradient norms do: a `shared` part of each layer's variance."""
+    return np.sqrt(1 - shared) * rng.normal(size=(n, len(LAYERS))) + np.sqrt(shared) * rng.normal(size=(n, 1))
+
+
 def null_night(rng, m=500, n=1000, n_fit=5000):
-    """Calibration, partition and layer z-scores all from the reference (the fit mean estimated too)."""
-    fit_mean_error = rng.normal(0, 1 / np.sqrt(n_fit), len(LAYERS))
-    z = rng.normal(size=(n, len(LAYERS))) - fit_mean_error
-    return reference_and_summary(rng, rng.normal(size=m), rng.normal(size=n), z, n_fit)
+    """Calibration, partition and layers all from the reference; the layers' mean, spread and correlation
+    estimated from n_fit rows, as a fit does."""
+    fit = correlated_rows(rng, n_fit)
+    z = (correlated_rows(rng, n) - fit.mean(axis=0)) / fit.std(axis=0, ddof=1)
+    correlation = np.corrcoef(fit, rowvar=False)
+    return reference_and_summary(rng, rng.normal(size=m), rng.normal(size=n), z, n_fit, correlation=correlation)
 
 
 def test_each_test_keeps_its_level_over_calibration_sets_when_nothing_moved():
@@ -164,10 +174,26 @@ def test_a_huge_partition_with_a_negligible_change_is_significant_but_not_large(
     z = rng.normal(size=(200_000, 6)) + 0.03  # every layer a thirtieth of a standard deviation up
     reference, summary = reference_and_summary(rng, rng.normal(size=2000), rng.normal(size=200_000), z, n_fit=10**6)
     tests = shift_tests(summary, reference)
-    assert tests.p_value < 1e-10 and not tests.large(min_excess=0.01, min_layer_shift=0.1)
+    assert tests.p_value < 1e-10 and not tests.large(min_excess=0.01, min_mean_shift=0.1)
+    assert tests.mean_shift == pytest.approx(0.03 * np.sqrt(6), abs=0.01)
     z[:, 2] += 0.2  # one layer's mean moves by a fifth of its spread: worth an alarm
     tests = shift_tests(
         PartitionSummary.from_rows(np.sort(rng.normal(size=2000)), rng.normal(size=200_000), z, [None] * 200_000),
         reference,
     )
-    assert tests.large(min_excess=0.01, min_layer_shift=0.1) and tests.top_layers[0] == "layer2"
+    assert tests.large(min_excess=0.01, min_mean_shift=0.1) and tests.top_layers[0] == "layer2"
+
+
+def test_a_small_move_of_every_layer_is_caught_by_the_layers_mean_where_no_layer_alone_is():
+    """Norms move together in distribution; a night whose layers all move a little *against* that
+    pattern is far from the reference in Mahalanobis terms, though each layer alone is within noise."""
+    rng = np.random.default_rng(9)
+    fit = correlated_rows(rng, 5000, shared=0.9)
+    pattern = np.array([1, -1, 1, -1, 1, -1]) * 0.03
+    z = (correlated_rows(rng, 2000, shared=0.9) + pattern - fit.mean(axis=0)) / fit.std(axis=0, ddof=1)
+    correlation = np.corrcoef(fit, rowvar=False)
+    scores = rng.normal(size=2000)
+    reference, summary = reference_and_summary(rng, rng.normal(size=500), scores, z, 5000, 0.05, correlation)
+    tests = shift_tests(summary, reference)
+    assert tests.layers_p < 1e-8 and tests.layer_p.min() > 0.05  # no layer alone passes Holm
+    assert tests.mean_shift == pytest.approx(np.sqrt(pattern @ np.linalg.solve(correlation, pattern)), abs=0.05)

@@ -254,3 +254,59 @@ def run_pipeline_benchmark(
                 mode, lambda data=data, out=out: passes.score(f"{workdir}/detector", f"{workdir}/{data}", out, config)
             )
     return results
+
+
+@dataclass(frozen=True)
+class ReduceBenchmark:
+    rows: int
+    features: int
+    max_calibration_rows: int
+    calibration_rows: int  # kept by the reduce; the others past the cap joined the fit statistics
+    seconds: float
+    streaming_peak_mib: float  # of numpy and Python allocations while rows stream in (tracemalloc)
+    finish_peak_mib: float  # while the detector is fitted and calibrated from the reduce
+    bound_mib: float  # `FitReduce.memory_bound_bytes`: what streaming may hold, whatever the rows
+
+    def __str__(self) -> str:
+        return (
+            f"fit reduce: {self.rows:,} rows x {self.features} features in {self.seconds:.1f} s "
+            f"({self.rows / self.seconds:,.0f} rows/s); calibration rows kept {self.calibration_rows:,} "
+            f"(cap {self.max_calibration_rows:,}; the rest joined the fit statistics)\n"
+            f"peak driver memory: streaming {self.streaming_peak_mib:.0f} MiB (bound {self.bound_mib:.0f} MiB, "
+            f"independent of the rows), finishing the detector {self.finish_peak_mib:.0f} MiB"
+        )
+
+
+def run_reduce_benchmark(
+    rows: int, features: int, max_calibration_rows: int, calibration_fraction: float, batch_size: int
+) -> ReduceBenchmark:
+    """Stream `rows` synthetic feature rows through `FitReduce` as the fit pass does; measure its peak memory."""
+    import tracemalloc
+
+    import numpy as np
+
+    from fimood.method.reduce import FitReduce
+
+    rng = np.random.default_rng(0)
+    tracemalloc.start()
+    start = time.perf_counter()
+    reduce = FitReduce(features, calibration_fraction, max_calibration_rows)
+    for first in range(0, rows, batch_size):
+        n = min(batch_size, rows - first)
+        reduce.add([f"row-{i}" for i in range(first, first + n)], rng.normal(size=(n, features)), rng.normal(size=n))
+    _, streaming_peak = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    reduce.finish(0.05)
+    _, finish_peak = tracemalloc.get_traced_memory()
+    seconds = time.perf_counter() - start
+    tracemalloc.stop()
+    return ReduceBenchmark(
+        rows,
+        features,
+        max_calibration_rows,
+        reduce.calibration_rows,
+        seconds,
+        streaming_peak / 2**20,
+        finish_peak / 2**20,
+        FitReduce.memory_bound_bytes(features, max_calibration_rows, batch_size) / 2**20,
+    )

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_SHIFT, EXIT_COULD_NOT_RUN = 0, 3, 4
 DEFAULT_MIN_EXCESS = 0.01  # a shift moves at least 1% of a partition's rows away from the reference...
-DEFAULT_MIN_LAYER_SHIFT = 0.1  # ...or some layer's mean by a tenth of its in-distribution standard deviation
+DEFAULT_MIN_MEAN_SHIFT = 0.1  # ...or the layers' mean by a tenth of an in-distribution standard deviation
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,14 @@ class MonitorConfig:
     partitions: tuple[str, ...] = ()
     budget: NightlyBudget | LifetimeBudget = field(default_factory=LifetimeBudget)
     min_excess: float = DEFAULT_MIN_EXCESS
-    min_layer_shift: float = DEFAULT_MIN_LAYER_SHIFT
+    min_mean_shift: float = DEFAULT_MIN_MEAN_SHIFT
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_excess < 1.0:
             raise ValueError(f"min_excess must be in [0, 1), got {self.min_excess}")
-        if self.min_layer_shift < 0.0:
-            raise ValueError(f"min_layer_shift must be at least 0, got {self.min_layer_shift}")
+        if self.min_mean_shift < 0.0:
+            raise ValueError(f"min_mean_shift must be at least 0, got {self.min_mean_shift}")
 
 
 @dataclass
@@ -83,7 +83,7 @@ class MonitorResult:
     history: list[dict]  # every history row of the detector after this run, in partition order
     seconds: float
     unreadable: dict[str, str] = field(default_factory=dict)  # input shards left out: path → why
-    min_layer_shift: float = DEFAULT_MIN_LAYER_SHIFT
+    min_mean_shift: float = DEFAULT_MIN_MEAN_SHIFT
 
     @property
     def exit_code(self) -> int:
@@ -102,7 +102,8 @@ class MonitorResult:
                 layers = ", ".join(verdict.tests.top_layers[:3]) or "none singled out"
                 lines.append(
                     f"  SHIFT {verdict.partition}: OOD rate {verdict.tests.ood_rate:.1%} "
-                    f"(expected {verdict.tests.expected_rate:.1%}), excess {verdict.tests.excess:.1%}; layers: {layers}"
+                    f"(expected {verdict.tests.expected_rate:.1%}), excess {verdict.tests.excess:.1%}, "
+                    f"mean shift {verdict.tests.mean_shift:.2f}; layers: {layers}"
                 )
             elif verdict.verdict == "could not run":
                 lines.append(f"  COULD NOT RUN {verdict.partition}: {verdict.reason}")
@@ -193,13 +194,13 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
         history,
         time.perf_counter() - start,
         unreadable,
-        config.min_layer_shift,
+        config.min_mean_shift,
     )
 
 
 def _decide(tested: list[PartitionVerdict], earlier: list[dict], config: MonitorConfig) -> None:
     """Each tested partition's verdict under the budget: significant, and its effect large enough."""
-    large = {v.partition: v.tests.large(config.min_excess, config.min_layer_shift) for v in tested}
+    large = {v.partition: v.tests.large(config.min_excess, config.min_mean_shift) for v in tested}
     if isinstance(config.budget, NightlyBudget):
         adjusted = config.budget.adjusted([v.tests.p_value for v in tested])
         for verdict, p_value in zip(tested, adjusted, strict=True):
@@ -212,7 +213,7 @@ def _decide(tested: list[PartitionVerdict], earlier: list[dict], config: Monitor
             (
                 row["partition"],
                 row["p_value"],
-                row["excess"] >= config.min_excess or row["largest_layer_shift"] >= config.min_layer_shift,
+                row["excess"] >= config.min_excess or (row.get("mean_shift") or 0.0) >= config.min_mean_shift,
             )
             for row in earlier
         ]
@@ -249,6 +250,7 @@ HISTORY_SCHEMA = pa.schema(
                 "rank_p",
                 "layers_p",
                 "excess",
+                "mean_shift",
                 "largest_layer_shift",
                 "p_value",
                 "e_value",
@@ -287,6 +289,7 @@ def history_row(verdict: PartitionVerdict, detector_id: str, config: MonitorConf
         "rank_p": tests.rank_p,
         "layers_p": tests.layers_p,
         "excess": tests.excess,
+        "mean_shift": tests.mean_shift,
         "largest_layer_shift": tests.largest_layer_shift,
         "p_value": tests.p_value,
         "e_value": verdict.e_value,

@@ -19,7 +19,7 @@ from fimood.apps.monitor import MonitorResult
 from fimood.apps.study_report import pyplot
 from fimood.storage import join, write_bytes
 
-SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 2  # 2: `mean_shift`, `min_mean_shift`
 MAX_HEATMAP_LAYERS = 30
 
 
@@ -45,6 +45,7 @@ def summary_document(result: MonitorResult) -> dict:
                 "expected_rate": tests.expected_rate,
                 "excess_rate_ci": list(tests.excess_rate_ci),
                 "excess": tests.excess,
+                "mean_shift": tests.mean_shift,
                 "largest_layer_shift": tests.largest_layer_shift,
                 "p_values": {"rate": tests.rate_p, "rank": tests.rank_p, "layers": tests.layers_p},
                 "p_value": tests.p_value,
@@ -59,7 +60,7 @@ def summary_document(result: MonitorResult) -> dict:
         "detector_id": result.detector_id,
         "budget": result.budget.describe(),
         "min_excess": result.min_excess,
-        "min_layer_shift": result.min_layer_shift,
+        "min_mean_shift": result.min_mean_shift,
         "exit_code": result.exit_code,
         "partitions": partitions,
         "unreadable_shards": [{"path": path, "reason": why} for path, why in sorted(result.unreadable.items())],
@@ -72,8 +73,8 @@ def html_page(result: MonitorResult) -> str:
     sections = [
         f"<h1>fimood monitor: {html.escape(head)}</h1>",
         f"<p>Detector <code>{result.detector_id}</code>; {html.escape(result.budget.describe())}; a shift also "
-        f"needs at least {result.min_excess:.1%} of a partition's rows beyond the reference, or a layer's mean "
-        f"moved by {result.min_layer_shift:g} of its standard deviation. "
+        f"needs at least {result.min_excess:.1%} of a partition's rows beyond the reference, or the layers' mean "
+        f"moved by {result.min_mean_shift:g} of an in-distribution standard deviation. "
         f"{len(result.history)} partitions in the history.</p>",
         "<h2>Verdicts</h2>",
         _verdict_table(result),
@@ -106,21 +107,21 @@ def html_page(result: MonitorResult) -> str:
 def _verdict_table(result: MonitorResult) -> str:
     header = (
         "<tr><th>partition</th><th>verdict</th><th>rows</th><th>errors</th><th>OOD rate</th><th>expected</th>"
-        "<th>excess</th><th>p-value</th><th>statistic</th><th>layers that moved</th></tr>"
+        "<th>excess</th><th>mean shift</th><th>p-value</th><th>statistic</th><th>layers that moved</th></tr>"
     )
     rows = []
     for v in result.verdicts:
         css = {"shift": "shift", "could not run": "fail"}.get(v.verdict, "")
         if v.tests is None:
             rows.append(
-                f"<tr class='{css}'><td>{html.escape(v.partition)}</td><td colspan=9>{html.escape(v.reason)}</td></tr>"
+                f"<tr class='{css}'><td>{html.escape(v.partition)}</td><td colspan=10>{html.escape(v.reason)}</td></tr>"
             )
             continue
         t = v.tests
         rows.append(
             f"<tr class='{css}'><td>{html.escape(v.partition)}</td><td>{v.verdict}</td><td>{v.summary.rows}</td>"
             f"<td>{sum(v.summary.errors_by_reason.values())}</td><td>{t.ood_rate:.2%}</td><td>{t.expected_rate:.2%}</td>"
-            f"<td>{t.excess:.2%}</td><td>{t.p_value:.2g}</td><td>{v.statistic:.3g}</td>"
+            f"<td>{t.excess:.2%}</td><td>{t.mean_shift:.2f}</td><td>{t.p_value:.2g}</td><td>{v.statistic:.3g}</td>"
             f"<td>{html.escape(', '.join(t.top_layers))}</td></tr>"
         )
     return f"<table>{header}{''.join(rows)}</table>"

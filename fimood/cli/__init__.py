@@ -1,7 +1,8 @@
 """The `fimood` command: one small module per subcommand (its arguments and its run side by side).
 
 A mistake in the command line or its inputs (a missing path, a bad flag or setting) is reported as one
-line with exit status 2; `-v` shows its traceback. Logs are quiet by default: fimood's own progress, and
+line with exit status 2, storage that stays unreachable as one line with exit status 1; `-v` shows
+the traceback. Logs are quiet by default: fimood's own progress, and
 from Ray only what is a real problem.
 """
 
@@ -15,6 +16,7 @@ from types import ModuleType
 from fimood.cli import (
     benchmark,
     benchmark_pipeline,
+    benchmark_reduce,
     data,
     demo,
     evaluate,
@@ -26,6 +28,7 @@ from fimood.cli import (
     train,
 )
 from fimood.cli.options import UsageError, add_storage_options
+from fimood.storage import StorageUnavailable
 
 COMMANDS: dict[str, ModuleType] = {
     "data": data,
@@ -39,6 +42,7 @@ COMMANDS: dict[str, ModuleType] = {
     "demo": demo,
     "benchmark": benchmark,
     "benchmark-pipeline": benchmark_pipeline,
+    "benchmark-reduce": benchmark_reduce,
 }
 # What a user's input can be wrong in: reported as one line, never as a traceback of our code.
 USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError)
@@ -84,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fimood {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except StorageUnavailable as error:
+        if args.verbose:
+            raise
+        print(f"fimood {args.command}: storage unavailable: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

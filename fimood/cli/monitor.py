@@ -7,6 +7,7 @@ import importlib.util
 import sys
 
 from fimood.cli.options import UsageError, add_pipeline_options, pipeline_config
+from fimood.storage import StorageUnavailable
 
 HELP = "nightly dataset-shift monitoring: per-partition tests under a false-alarm budget, history, HTML report"
 EPILOG = (
@@ -47,10 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a shift must move at least this share of a partition's rows beyond the reference...",
     )
     parser.add_argument(
-        "--min-layer-shift",
+        "--min-mean-shift",
         type=float,
         default=0.1,
-        help="...or some layer's mean by at least this many of its in-distribution standard deviations",
+        help="...or the layers' mean by at least this many in-distribution standard deviations (Mahalanobis)",
     )
     add_pipeline_options(parser)
 
@@ -77,12 +78,12 @@ def run(args: argparse.Namespace) -> int:
         partitions=tuple(args.partitions),
         budget=budget,
         min_excess=args.min_excess,
-        min_layer_shift=args.min_layer_shift,
+        min_mean_shift=args.min_mean_shift,
         pipeline=pipeline_config(args),
     )
     try:
         result = run_monitor(config)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, StorageUnavailable) as error:
         print(f"fimood monitor: could not run: {error}", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
     from fimood.apps.monitor_report import write_monitor_report

@@ -4,15 +4,17 @@ A partition's `_SUCCESS` marker is its manifest: the detector id, the input shar
 data files of its current version. A commit never touches a file its partition's marker did not
 list, so a user's file in the output (or the input itself) is never replaced:
 
-1. `_COMMITTING` records the files about to come in and those of the version they replace;
-2. `_SUCCESS` is removed, so no reader takes the partition for complete while it changes;
-3. the staged files move in under new names;
+1. `_COMMITTING` records the files about to come in, and the version they replace (its marker);
+2. `_SUCCESS` is removed, so a reader that globs `*.parquet` never takes the folder for complete;
+3. the staged files move in under new names (the previous version's files stay as they are);
 4. the new `_SUCCESS` is written (one atomic write: a rename locally, one PUT on object stores);
 5. the replaced files are deleted, then `_COMMITTING`.
 
-A commit killed halfway is finished or rolled back by `recover`, from the journal, before the folder
-is used again. Readers that honour the markers (`read_committed`) never see half a partition, on
-object stores too; readers that take every `*.parquet` see a whole version whenever `_SUCCESS` exists.
+Readers that honour the manifests (`read_committed`) read the previous version from the journal
+until step 4 and the new one after it: old or new, never a mix and never nothing, on object stores
+too. A commit killed halfway is finished (after step 4) or rolled back to the previous version
+(before it) by `recover`, from the journal, before the folder is used again. Every call to the
+store is retried while it does not answer (`fimood.storage.retrying`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fimood.storage import StorageOptions, filesystem, join, write_file
+from fimood.storage import StorageOptions, filesystem, join, resilient, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,11 @@ class Marker:
 
     @classmethod
     def from_json(cls, data: bytes) -> Marker:
-        document = json.loads(data)
+        return cls.from_document(json.loads(data))
+
+    @classmethod
+    def from_document(cls, document: dict) -> Marker:
+        document = dict(document)
         if document.get("format_version") != MARKER_FORMAT_VERSION:
             raise ValueError(
                 f"a commit marker of format_version {document.get('format_version')!r} (this fimood reads "
@@ -86,9 +92,31 @@ class OutputFolder:
     fs: object
     path: str
 
+    def __post_init__(self) -> None:
+        self.fs = resilient(self.fs)
+
     def read_marker(self) -> Marker | None:
-        marker = f"{self.path}/{MARKER}"
-        return Marker.from_json(self.fs.cat_file(marker)) if self.fs.exists(marker) else None
+        data = self._read(MARKER)
+        return None if data is None else Marker.from_json(data)
+
+    def read_journal(self) -> dict | None:
+        data = self._read(JOURNAL)
+        return None if data is None else json.loads(data)
+
+    def current(self) -> Marker | None:
+        """The version readers get: the marker's, or while a commit runs before its new marker, the one it replaces."""
+        marker = self.read_marker()
+        if marker is None:
+            journal = self.read_journal()
+            previous = journal and journal.get("previous")
+            marker = Marker.from_document(previous) if previous else self.read_marker()  # again: it may have ended
+        return marker
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(f"{self.path}/{name}")
+        except FileNotFoundError:
+            return None
 
     def data_files(self) -> list[str]:
         """Names of every Parquet file in the folder itself (not below it)."""
@@ -101,20 +129,24 @@ class OutputFolder:
         )
 
     def recover(self) -> None:
-        """Finish or roll back a commit that was killed: keep what `_SUCCESS` lists, drop what the journal added."""
-        journal_path = f"{self.path}/{JOURNAL}"
-        if not self.fs.exists(journal_path):
+        """Finish a killed commit that wrote its new marker; roll back one that did not, to the version it replaced."""
+        journal = self.read_journal()
+        if journal is None:
             return
-        journal = json.loads(self.fs.cat_file(journal_path))
         marker = self.read_marker()
+        previous = journal.get("previous")
+        if marker is None and previous is not None:
+            marker = Marker.from_document(previous)
+            self._write(MARKER, marker.to_json())
+            outcome = "rolled back to the previous version"
+        else:
+            outcome = "finished" if marker else "rolled back"
         kept = set(marker.files) if marker else set()
         for name in {*journal["incoming"], *journal["replaced"]} - kept:
             if self.fs.exists(f"{self.path}/{name}"):
                 self.fs.rm(f"{self.path}/{name}")
-        self.fs.rm(journal_path)
-        logger.warning(
-            "%s: finished a commit that was interrupted (%s)", self.path, "kept" if marker else "rolled back"
-        )
+        self.fs.rm(f"{self.path}/{JOURNAL}")
+        logger.warning("%s: a commit that was interrupted is %s", self.path, outcome)
 
     def commit(self, staged: list[str], marker: Marker) -> Marker:
         """Replace the partition's previous version by the staged files (full paths); returns the marker written."""
@@ -127,7 +159,8 @@ class OutputFolder:
         foreign = sorted(set(self.data_files()) - set(replaced))
         if foreign:
             logger.warning("%s holds %d files fimood did not write; left alone: %s", self.path, len(foreign), foreign)
-        self._write(JOURNAL, json.dumps({"incoming": names, "replaced": replaced}).encode())  # 1.
+        journal = {"incoming": names, "replaced": replaced, "previous": asdict(previous) if previous else None}
+        self._write(JOURNAL, json.dumps(journal).encode())  # 1.
         if previous is not None:
             self.fs.rm(f"{self.path}/{MARKER}")  # 2.
         for source, name in zip(staged, names, strict=True):
@@ -148,39 +181,58 @@ def _now() -> str:
 
 
 def committed_partitions(url: str, storage_options: StorageOptions = None) -> dict[str, Marker]:
-    """Every committed partition under an output URL: folder (relative, '' for the URL itself) → marker."""
+    """Every committed partition under an output URL: folder (relative, '' for the URL itself) → the marker
+    of the version readers get (`OutputFolder.current`)."""
     fs, root = filesystem(url, storage_options)
-    root = root.rstrip("/")
+    fs, root = resilient(fs), root.rstrip("/")
     if not fs.exists(root):
         return {}
-    markers = [path for path in fs.find(root) if path.rsplit("/", 1)[-1] == MARKER]
     found = {}
-    for path in sorted(markers):
-        folder = path[len(root) :].strip("/").rpartition("/")[0]
-        if not folder.startswith(STAGING):
-            found[folder] = Marker.from_json(fs.cat_file(path))
+    for path in sorted(fs.find(root)):
+        parent, _, name = path[len(root) :].strip("/").rpartition("/")
+        if name in (MARKER, JOURNAL) and not parent.startswith(STAGING) and parent not in found:
+            marker = OutputFolder(fs, join(root, parent) if parent else root).current()
+            if marker is not None:
+                found[parent] = marker
     return found
 
 
 def read_committed(url: str, storage_options: StorageOptions = None, columns: list[str] | None = None) -> pa.Table:
     """Every committed row under an output URL, from the files its markers list (and only those).
 
-    Hive-style folder names (`date=2026-11-26`) become string columns; a partition lacking a key gets
-    nulls in it. Partitions being committed or never committed are left out.
+    A partition being committed is read as its previous version, or its new one if the commit ends
+    while it is read; never a mix. Hive-style folder names (`date=2026-11-26`) become string
+    columns; a partition lacking a key gets nulls in it. Partitions never committed are left out.
     """
     fs, root = filesystem(url, storage_options)
+    fs, root = resilient(fs), root.rstrip("/")
     tables = []
     for folder, marker in committed_partitions(url, storage_options).items():
         keys = dict(part.split("=", 1) for part in folder.split("/") if "=" in part)
-        for name in marker.files:
-            with fs.open(join(root, folder, name) if folder else join(root, name), "rb") as handle:
-                table = pq.read_table(handle, columns=columns)
+        for table in _read_version(OutputFolder(fs, join(root, folder) if folder else root), marker, columns):
             for key, value in keys.items():
                 table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
             tables.append(table)
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="default")
+
+
+def _read_version(folder: OutputFolder, marker: Marker, columns: list[str] | None, attempts: int = 5) -> list[pa.Table]:
+    """The files of one version; if a commit removed them meanwhile, the version that replaced them."""
+    for _ in range(attempts):
+        try:
+            return [_read_parquet(folder.fs, f"{folder.path}/{name}", columns) for name in marker.files]
+        except FileNotFoundError:
+            marker = folder.current()
+            if marker is None:
+                return []
+    raise RuntimeError(f"{folder.path}: its version changed {attempts} times while it was read; read it again")
+
+
+def _read_parquet(fs, path: str, columns: list[str] | None) -> pa.Table:
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
 
 
 @dataclass
@@ -197,6 +249,7 @@ class Staging:
     run: str = field(default_factory=lambda: f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
 
     def __post_init__(self) -> None:
+        self.fs = resilient(self.fs)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fimood.lake.tables import parquet_bytes
-from fimood.storage import StorageOptions, filesystem, join, write_file
+from fimood.storage import StorageOptions, filesystem, join, resilient, write_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `mean_shift`, and `layers_p` from one test of every layer's mean
 
 
 def history_file(detector_id: str, partition: str) -> str:
@@ -49,6 +49,7 @@ def write_history_rows(
 def read_history(history_url: str, detector_id: str, storage_options: StorageOptions = None) -> list[dict]:
     """Every row kept for `detector_id`, in partition order (none when the history is new)."""
     fs, root = filesystem(join(history_url, f"detector={detector_id}"), storage_options)
+    fs = resilient(fs)
     if not fs.exists(root):
         return []
     rows = []

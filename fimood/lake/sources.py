@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fimood.storage import StorageOptions, filesystem
+from fimood.storage import StorageOptions, filesystem, resilient
 
 FORMATS = {"parquet": (".parquet",), "images": (".png", ".jpg", ".jpeg")}
 # What a filesystem reports that changes when a file is rewritten, in order of preference.
@@ -75,7 +75,7 @@ def list_partitions(
     """
     check_format(input_format)
     fs, root = filesystem(url, storage_options)
-    root = root.rstrip("/")
+    fs, root = resilient(fs), root.rstrip("/")
     if not fs.exists(root):
         raise FileNotFoundError(f"no such file or folder: {url}")
     found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
@@ -167,7 +167,7 @@ def plan_reads(partitions: list[Partition], spec: ReadSpec) -> ReadPlan:
             for chunk in _chunks(partition.shards, ROWS_PER_READ)
         ]
         return ReadPlan(units, [len(partition.shards) for partition in partitions])
-    fs, _ = filesystem(spec.url, spec.storage_options)
+    fs = resilient(filesystem(spec.url, spec.storage_options)[0])
     jobs = [(index, shard) for index, partition in enumerate(partitions) for shard in partition.shards]
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         footers = list(pool.map(lambda job: _footer(fs, job[1].path), jobs))
@@ -212,7 +212,7 @@ def _check_columns(path: str, columns: list[str], spec: ReadSpec) -> None:
 
 def read_unit(unit: ReadUnit, spec: ReadSpec) -> tuple[list[str], list]:
     """The ids and raw image cells (encoded bytes or pixel arrays) of one read unit, in file order."""
-    fs, _ = filesystem(spec.url, spec.storage_options)
+    fs = resilient(filesystem(spec.url, spec.storage_options)[0])
     if spec.input_format == "images":
         return list(unit.paths), [fs.cat_file(path) for path in unit.paths]
     (path,) = unit.paths

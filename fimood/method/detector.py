@@ -21,7 +21,7 @@ from fimood.method.baselines import TypicalityTest
 from fimood.method.scoring import DEFAULT_RULE, check_rule, conformal_p_values, make_rule
 from fimood.method.statistics import FeatureStats
 from fimood.models import LikelihoodModel, load_model
-from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
+from fimood.storage import StorageOptions, join, parse_json, parse_safetensors, read_bytes, sha256_hex, write_bytes
 
 FORMAT_VERSION = 3  # 2: full co-moment matrix and a scoring rule; 3: the gradient engine's setting named `engine`
 MANIFEST_NAME = "manifest.json"
@@ -138,15 +138,12 @@ class DetectorArtifact:
 
     @classmethod
     def load(cls, url: str, storage_options: StorageOptions = None) -> DetectorArtifact:
-        try:
-            manifest = json.loads(read_bytes(join(url, MANIFEST_NAME), storage_options))
-        except json.JSONDecodeError:
-            raise ValueError(
-                f"{join(url, MANIFEST_NAME)} is not valid JSON (half-written or truncated?); fit the detector again"
-            ) from None
+        fix = "fit the detector again"
+        manifest_url, arrays_url = join(url, MANIFEST_NAME), join(url, ARRAYS_NAME)
+        manifest = parse_json(read_bytes(manifest_url, storage_options), manifest_url, fix=fix)
         if manifest.get("format_version") not in (2, FORMAT_VERSION):
             raise ValueError(f"{url}: format_version must be {FORMAT_VERSION}, got {manifest.get('format_version')!r}")
-        arrays = safetensors.numpy.load(read_bytes(join(url, ARRAYS_NAME), storage_options))
+        arrays = parse_safetensors(read_bytes(arrays_url, storage_options), safetensors.numpy.load, arrays_url, fix=fix)
         if manifest["format_version"] == 2:  # the same detector; its engine setting was called `method`
             manifest["settings"]["engine"] = manifest["settings"].pop("method")
         settings = DetectorSettings(**manifest["settings"])

@@ -3,7 +3,8 @@
 The pipeline's fit pass feeds it from Ray; the study feeds it in process, so its detectors are the
 ones `fimood fit` builds.
 
-Memory stays O(features + max_calibration_rows) whatever the number of rows streamed through it.
+Memory stays within `FitReduce.memory_bound_bytes` whatever the number of rows streamed through it:
+O(features² + features × max_calibration_rows), measured by `fimood benchmark-reduce`.
 """
 
 from __future__ import annotations
@@ -22,37 +23,65 @@ class FitReduce:
 
     A row goes to calibration when its id hashes below `calibration_fraction`, else to the fit
     statistics. At most `max_calibration_rows` calibration rows are kept: those with the smallest
-    hashes, so the sample does not depend on the order rows arrive in.
+    hashes, so the sample does not depend on the order rows arrive in. Calibration rows past the cap
+    join the fit statistics instead (merging is order-free, so the fit does not depend on the order
+    either, and no row is wasted). Once the cap is reached, a row hashing above every kept one goes
+    there on arrival; rows that might belong wait in a short queue (a quarter of the cap) until the
+    kept set is trimmed again.
     """
 
     def __init__(self, n_features: int, calibration_fraction: float, max_calibration_rows: int = 100_000):
+        if max_calibration_rows < 1:
+            raise ValueError(f"max_calibration_rows must be at least 1, got {max_calibration_rows}")
         self.calibration_fraction = calibration_fraction
         self.max_calibration_rows = max_calibration_rows
         self.stats = FeatureStats.empty(n_features)
         self.nll_sum, self.nll_count = 0.0, 0
         self._hashes: list[np.ndarray] = [np.zeros(0)]
         self._features: list[np.ndarray] = [np.zeros((0, n_features))]
+        self._nll: list[np.ndarray] = [np.zeros(0)]
         self._pending_rows = 0
+        self._largest_kept_hash = np.inf  # once the cap is reached: rows hashing at or above it never enter
+
+    @staticmethod
+    def memory_bound_bytes(n_features: int, max_calibration_rows: int, batch_rows: int) -> int:
+        """What the reduce holds at its peak, for float64 features: the kept calibration rows and their
+        queue, both copied once while trimming, and the statistics' few L × L matrices."""
+        queued = max_calibration_rows + max_calibration_rows // 4 + batch_rows
+        return 8 * ((n_features + 1) * (2 * queued + max_calibration_rows + 3 * batch_rows) + 4 * n_features**2)
 
     def add(self, ids: list[str], log_sq_norms: np.ndarray, nll: np.ndarray) -> None:
         """Add a batch of decodable rows: ids (n,), features (n, L), NLL (n,)."""
         hashes = split_hash(ids)
-        calibration = hashes < self.calibration_fraction
-        self.stats = self.stats.update(log_sq_norms[~calibration])
-        self.nll_sum += float(np.sum(nll[~calibration]))
-        self.nll_count += int((~calibration).sum())
+        calibration = (hashes < self.calibration_fraction) & (hashes < self._largest_kept_hash)
+        self._fit_on(log_sq_norms[~calibration], nll[~calibration])
         self._hashes.append(hashes[calibration])
         self._features.append(log_sq_norms[calibration])
+        self._nll.append(nll[calibration])
         self._pending_rows += int(calibration.sum())
-        if self._pending_rows > 2 * self.max_calibration_rows:  # trim now and then, not on every batch
+        if self._pending_rows > self.max_calibration_rows // 4:
             self._trim()
 
+    @property
+    def calibration_rows(self) -> int:
+        """Calibration rows kept so far (after `finish`: exactly those the detector calibrates on)."""
+        return sum(len(hashes) for hashes in self._hashes)
+
+    def _fit_on(self, features: np.ndarray, nll: np.ndarray) -> None:
+        self.stats = self.stats.update(features)
+        self.nll_sum += float(np.sum(nll))
+        self.nll_count += len(nll)
+
     def _trim(self) -> None:
-        """Keep the `max_calibration_rows` calibration rows with the smallest hashes."""
-        hashes, features = np.concatenate(self._hashes), np.concatenate(self._features)
-        order = np.argsort(hashes, kind="stable")[: self.max_calibration_rows]
-        self._hashes, self._features = [hashes[order]], [features[order]]
-        self._pending_rows = len(order)
+        """Keep the `max_calibration_rows` calibration rows with the smallest hashes; the others join the fit."""
+        hashes, features, nll = (np.concatenate(parts) for parts in (self._hashes, self._features, self._nll))
+        order = np.argsort(hashes, kind="stable")
+        kept, past_cap = order[: self.max_calibration_rows], order[self.max_calibration_rows :]
+        self._fit_on(features[past_cap], nll[past_cap])
+        self._hashes, self._features, self._nll = [hashes[kept]], [features[kept]], [nll[kept]]
+        self._pending_rows = 0
+        if len(kept) == self.max_calibration_rows:
+            self._largest_kept_hash = float(hashes[kept[-1]])
 
     def finish(self, false_positive_rate: float, rule: str = DEFAULT_RULE) -> tuple[GradNormDetector, TypicalityTest]:
         """The fitted per-row detector and the Typicality baseline."""

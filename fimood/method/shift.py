@@ -8,13 +8,16 @@ Three tests per partition (their reasons are in docs/monitoring.md):
 - rate: the rows flagged at the detector's threshold against its calibrated rate, exactly
   (beta-binomial: the threshold is itself an order statistic of m calibration rows);
 - rank: Mann–Whitney's U of the partition's scores against the calibration scores, from the histogram;
-- layers: each layer's mean z-score against 0, its variance from the partition and the fit set's size;
-  Holm's correction across layers names the layers that moved.
-`excess` is the effect size: the share of rows the reference cannot account for.
+- layers: Hotelling's T² of the layers' mean z-scores against 0, with the fit set's correlation of
+  the layers (their norms move together, so one test of them all, not one per layer); each layer's
+  own mean shift, with Holm's correction, then names the layers that moved.
+Two effect sizes: `excess`, the share of rows the reference cannot account for, and `mean_shift`,
+how far the layers' mean moved, in in-distribution standard deviations (Mahalanobis).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +27,7 @@ import scipy.stats
 
 EXCESS_CUTS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # p-value cuts at which the excess share is measured
 TESTS = ("rate", "rank", "layers")
+EIGENVALUE_FLOOR = 1e-10  # relative: directions of the layers' correlation with less spread carry no test
 
 
 @dataclass
@@ -85,17 +89,43 @@ class Reference:
     above_threshold: int  # calibration rows scoring above the threshold (j): a row is flagged when k <= j
     n_fit: int  # rows the per-layer means and spreads were fitted on
     layer_names: list[str]  # of the kept features, in z-score order
+    correlation: np.ndarray | None = field(default=None, repr=False, compare=False)  # of the layers' z-scores
 
     @classmethod
     def of(cls, per_row, feature_names: list[str]) -> Reference:
         """The reference of a fitted per-row `GradNormDetector` over features named `feature_names`."""
-        kept = per_row.rule_.kept_features_
+        kept, stats = per_row.rule_.kept_features_, per_row.stats_
+        std = stats.std[kept]
         return cls(
             n_calibration=len(per_row.calibration_scores_),
             above_threshold=int((per_row.calibration_scores_ > per_row.threshold_).sum()),
-            n_fit=per_row.stats_.count,
+            n_fit=stats.count,
             layer_names=[name for name, keep in zip(feature_names, kept, strict=True) if keep],
+            correlation=stats.comoment[np.ix_(kept, kept)] / np.outer(std, std) / (stats.count - 1),
         )
+
+    @functools.cached_property
+    def mean_axes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The correlation's eigenvalues and eigenvectors that carry the mean test (see `mean_test`)."""
+        values, vectors = np.linalg.eigh(self.correlation)
+        keep = values > EIGENVALUE_FLOOR * values.max()
+        keep &= np.arange(len(values)) >= len(values) - (self.n_fit - 2)  # Hotelling needs n_fit − 1 > axes
+        return values[keep], vectors[:, keep]
+
+    def mean_test(self, z_mean: np.ndarray, n: int) -> tuple[float, float]:
+        """Hotelling's T² of a partition's mean z-score over `n` rows: its p-value, and the mean's shift.
+
+        Under no shift the mean is about N(0, R·(1/n + 1/n_fit)) (the fit's own mean is an estimate too)
+        and R is estimated from n_fit rows, so (ν − k + 1)/(ν·k)·T² is F(k, ν − k + 1) with ν = n_fit − 1
+        over k axes. The shift is the Mahalanobis length of the mean, its noise k·(1/n + 1/n_fit) taken off.
+        """
+        if self.correlation is None or not len(z_mean):
+            return 1.0, 0.0
+        values, vectors = self.mean_axes
+        k, nu, noise = len(values), self.n_fit - 1, 1.0 / n + 1.0 / self.n_fit
+        distance = float(((vectors.T @ z_mean) ** 2 / values).sum())
+        statistic = (nu - k + 1) / (nu * k) * distance / noise
+        return float(scipy.stats.f.sf(statistic, k, nu - k + 1)), math.sqrt(max(distance - k * noise, 0.0))
 
     @property
     def expected_rate(self) -> float:
@@ -115,21 +145,17 @@ class ShiftTests:
     rate_p: float
     auc: float  # P(partition row scores above a calibration row); 0.5 when nothing moved
     rank_p: float
+    layers_p: float  # Hotelling's test of the layers' mean (`Reference.mean_test`)
     layer_shift: np.ndarray  # per layer: mean z / its standard error
-    layer_p: np.ndarray  # per layer, Holm-adjusted
+    layer_p: np.ndarray  # per layer, Holm-adjusted: which layers moved
     excess: float  # the share of rows the reference cannot account for (see `excess_share`)
-    largest_layer_shift: float = (
-        0.0  # the largest |mean z-score| of a layer: its mean's move, in its standard deviations
-    )
+    mean_shift: float = 0.0  # how far the layers' mean moved, in in-distribution standard deviations
+    largest_layer_shift: float = 0.0  # the largest |mean z-score| of one layer, in its standard deviations
     top_layers: list[str] = field(default_factory=list)  # layers that moved (Holm ≤ 0.05), largest first
 
-    def large(self, min_excess: float, min_layer_shift: float) -> bool:
-        """The effect is worth an alarm: enough rows beyond the reference, or a layer's mean moved enough."""
-        return self.excess >= min_excess or self.largest_layer_shift >= min_layer_shift
-
-    @property
-    def layers_p(self) -> float:
-        return float(self.layer_p.min()) if len(self.layer_p) else 1.0
+    def large(self, min_excess: float, min_mean_shift: float) -> bool:
+        """The effect is worth an alarm: enough rows beyond the reference, or the layers' mean moved enough."""
+        return self.excess >= min_excess or self.mean_shift >= min_mean_shift
 
     @property
     def p_value(self) -> float:
@@ -144,7 +170,7 @@ def shift_tests(summary: PartitionSummary, reference: Reference, top: int = 5) -
     n, m, j = summary.scored, reference.n_calibration, reference.above_threshold
     if n == 0:
         empty = np.ones(len(reference.layer_names))
-        return ShiftTests(0, 0, 0.0, reference.expected_rate, (0.0, 0.0), 1.0, 0.5, 1.0, 0 * empty, empty, 0.0)
+        return ShiftTests(0, 0, 0.0, reference.expected_rate, (0.0, 0.0), 1.0, 0.5, 1.0, 1.0, 0 * empty, empty, 0.0)
     flagged = int(summary.rank_counts[: j + 1].sum())
     rate_p = float(scipy.stats.betabinom.sf(flagged - 1, n, j + 1, m - j))
     interval = scipy.stats.binomtest(flagged, n).proportion_ci(0.95)
@@ -158,6 +184,7 @@ def shift_tests(summary: PartitionSummary, reference: Reference, top: int = 5) -
     variance = np.maximum(summary.z_sq_sum / n - mean**2, 0.0)
     shift = mean / np.sqrt(variance / n + 1.0 / reference.n_fit)  # the fit's mean is an estimate too
     layer_p = holm(2 * scipy.stats.norm.sf(np.abs(shift)))
+    layers_p, mean_shift = reference.mean_test(mean, n)
     order = np.argsort(-np.abs(shift))
     return ShiftTests(
         scored=n,
@@ -168,9 +195,11 @@ def shift_tests(summary: PartitionSummary, reference: Reference, top: int = 5) -
         rate_p=rate_p,
         auc=below / (n * m),
         rank_p=min(rank_p, 1.0),
+        layers_p=layers_p,
         layer_shift=shift,
         layer_p=layer_p,
         excess=excess_share(summary),
+        mean_shift=mean_shift,
         largest_layer_shift=float(np.abs(mean).max()) if len(mean) else 0.0,
         top_layers=[reference.layer_names[i] for i in order[:top] if layer_p[i] <= 0.05],
     )

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fimood.models.registry import MODELS
-from fimood.storage import StorageOptions, join, read_bytes, sha256_hex, write_bytes
+from fimood.storage import StorageOptions, join, parse_json, parse_safetensors, read_bytes, sha256_hex, write_bytes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -104,13 +104,18 @@ class LikelihoodModel(nn.Module, ABC):
     @classmethod
     def from_pretrained(cls, url: str, storage_options: StorageOptions = None) -> LikelihoodModel:
         """Rebuild a model saved by `save_pretrained`, in eval mode on the CPU, with its `checkpoint_sha256`."""
-        config_bytes = read_bytes(join(url, CONFIG_NAME), storage_options)
-        config = json.loads(config_bytes)
+        fix = "save the model again"
+        config_url, weights_url = join(url, CONFIG_NAME), join(url, WEIGHTS_NAME)
+        config_bytes = read_bytes(config_url, storage_options)
+        config = parse_json(config_bytes, config_url, fix=fix)
         if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{url}: format_version must be {FORMAT_VERSION}, got {config.get('format_version')!r}")
+            raise ValueError(
+                f"{config_url}: format_version must be {FORMAT_VERSION}, got {config.get('format_version')!r} "
+                "(a newer fimood wrote it?); save the model with this version"
+            )
         model = cls.from_config(config["config"])
-        weights_bytes = read_bytes(join(url, WEIGHTS_NAME), storage_options)
-        model.load_state_dict(safetensors.torch.load(weights_bytes))
+        weights_bytes = read_bytes(weights_url, storage_options)
+        model.load_state_dict(parse_safetensors(weights_bytes, safetensors.torch.load, weights_url, fix=fix))
         model.checkpoint_sha256 = sha256_hex(config_bytes, weights_bytes)
         return model.eval()
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -21,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from fimood.models.base import CONFIG_NAME, LikelihoodModel
 from fimood.models.registry import MODELS
-from fimood.storage import StorageOptions, filesystem, join, read_bytes, sha256_hex
+from fimood.storage import StorageOptions, filesystem, join, parse_json, read_bytes, resilient, sha256_hex
 
 
 def save_model(model: LikelihoodModel, url: str, storage_options: StorageOptions = None) -> str:
@@ -39,9 +38,10 @@ def load_model(
             checkpoint naming any other import path is refused before anything is imported.
     """
     fs, path = filesystem(url, storage_options)
-    path = path.rstrip("/")
+    fs, path = resilient(fs), path.rstrip("/")
     if fs.exists(f"{path}/{CONFIG_NAME}"):
-        config = json.loads(read_bytes(join(url, CONFIG_NAME), storage_options))
+        config_url = join(url, CONFIG_NAME)
+        config = parse_json(read_bytes(config_url, storage_options), config_url, fix="save the model again")
         model_class = resolve_model_type(str(config.get("model_type")), allowed_imports)
     else:
         others = [cls for cls in MODELS.values() if cls.checkpoint_marker != CONFIG_NAME]
@@ -49,7 +49,20 @@ def load_model(
         if model_class is None:
             markers = [CONFIG_NAME, *(cls.checkpoint_marker for cls in others)]
             raise FileNotFoundError(f"no model checkpoint at {url}: none of {markers} is there")
-    return model_class.from_pretrained(url, storage_options)
+        marker_url = join(url, model_class.checkpoint_marker)
+        if marker_url.endswith(".json"):  # a marker is read as what it claims to be, never as anything else
+            parse_json(read_bytes(marker_url, storage_options), marker_url, fix="save the model again")
+    try:
+        return model_class.from_pretrained(url, storage_options)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as error:  # a damaged folder, found by our loader (which names the file) or another library's
+        if isinstance(error, ValueError) and url in str(error):
+            raise
+        raise ValueError(
+            f"{url}: not a loadable {model_class.model_type} checkpoint ({type(error).__name__}: {error}); "
+            "save the model again"
+        ) from error
 
 
 def load_model_with_hash(
@@ -85,6 +98,7 @@ def local_folder(url: str, storage_options: StorageOptions = None) -> Iterator[s
     if isinstance(fs, LocalFileSystem):
         yield path
         return
+    fs = resilient(fs)
     with tempfile.TemporaryDirectory(prefix="fimood-model-") as tmp:
         root = path.rstrip("/")
         for remote in fs.find(root):

@@ -15,7 +15,16 @@ from fimood.lake.sources import list_partitions, plan_reads
 from fimood.method.detector import DetectorArtifact, DetectorSettings
 from fimood.method.reduce import FitReduce
 from fimood.models import load_model
-from fimood.passes.rows import PipelineConfig, check_strict, count_errors, feature_rows, matrix, rate, start_ray
+from fimood.passes.rows import (
+    PipelineConfig,
+    check_strict,
+    count_errors,
+    feature_rows,
+    matrix,
+    rate,
+    start_ray,
+    storage_errors_in_one_line,
+)
 from fimood.storage import absolute_url
 
 logger = logging.getLogger(__name__)
@@ -37,6 +46,7 @@ class FitSummary:
         return f"{self.rows} rows ({count_errors(self.errors_by_reason)}) in {rate(self.rows, self.seconds)}"
 
 
+@storage_errors_in_one_line()
 def fit(
     model_url: str,
     data_url: str,

@@ -15,7 +15,9 @@ import functools
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +35,7 @@ from fimood.lake.sources import ReadSpec, ReadUnit, check_format, read_unit
 from fimood.method.detector import DetectorArtifact
 from fimood.method.features import featurize_rows
 from fimood.models import LikelihoodModel
-from fimood.storage import StorageOptions
+from fimood.storage import StorageOptions, StorageUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,34 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     for name in ("ray", "ray.data"):  # Ray Data's logger has a level of its own
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextmanager
+def storage_errors_in_one_line() -> Iterator[None]:
+    """A `StorageUnavailable` raised in a Ray task reaches the caller as its one line, not inside Ray's trace."""
+    try:
+        yield
+    except Exception as error:
+        cause = storage_cause(error)
+        if cause is None:
+            raise
+        raise StorageUnavailable(cause) from None
+
+
+def storage_cause(error: BaseException) -> str | None:
+    """The message of the `StorageUnavailable` behind an error. Ray keeps a task's error as `cause`, but
+    Ray Data's map errors keep only its text, so the message is taken from there when no object is left."""
+    text = str(error)
+    for _ in range(20):  # causes chain shallowly; the bound only guards against cycles
+        inner = getattr(error, "cause", None)
+        if isinstance(inner, BaseException):
+            error = inner
+        elif isinstance(error, StorageUnavailable):
+            return str(error)
+        elif (error := error.__cause__ or error.__context__) is None:
+            break
+    found = re.search(rf"{StorageUnavailable.__module__}\.{StorageUnavailable.__name__}: (.+)", text)
+    return found.group(1) if found else None
 
 
 def start_ray(address: str | None = None) -> None:

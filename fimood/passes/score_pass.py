@@ -28,6 +28,7 @@ from fimood.passes.rows import (
     feature_rows,
     rate,
     start_ray,
+    storage_errors_in_one_line,
 )
 from fimood.storage import filesystem, join, overlaps, write_file
 
@@ -119,6 +120,7 @@ class ScoringFailed(RuntimeError):
         self.summary = summary
 
 
+@storage_errors_in_one_line()
 def score(
     detector_url: str,
     data_url: str,

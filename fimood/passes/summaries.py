@@ -20,6 +20,7 @@ from fimood.lake.commit import OutputFolder
 from fimood.lake.images import decode_cells, shape_of
 from fimood.lake.sources import Partition, ReadSpec, plan_reads, read_unit
 from fimood.method.shift import PartitionSummary
+from fimood.passes.rows import storage_errors_in_one_line
 from fimood.storage import StorageOptions, filesystem, join
 
 TOP_ROWS = 8  # most OOD rows kept per partition, shown as thumbnails when it shifts
@@ -32,6 +33,7 @@ class SummaryWithExamples:
     most_ood: list[tuple[float, str]] = field(default_factory=list)  # (ood_score, id), highest first
 
 
+@storage_errors_in_one_line()
 def summarise_partitions(
     out_url: str,
     folders: list[str],
