@@ -56,11 +56,8 @@ def summarise_partitions(
     if not partition_of:
         return results
     rows = ray.data.read_parquet(
-        sorted(partition_of),
-        filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)),
-        columns=COLUMNS,
-        include_paths=True,
-    )
+        sorted(partition_of), filesystem=pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), include_paths=True
+    ).select_columns([*COLUMNS, "path"])  # Ray pushes the projection down into the read
     partials = rows.map_batches(
         _partial_summaries,
         fn_kwargs={"calibration_scores": calibration_scores, "n_layers": n_layers, "partition_of": partition_of},
