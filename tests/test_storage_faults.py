@@ -182,3 +182,41 @@ def test_a_storage_outage_inside_a_ray_task_reaches_the_caller_as_one_line(ray_s
     with pytest.raises(StorageUnavailable) as error, storage_errors_in_one_line():
         ray.data.range(2).map(write_row).materialize()
     assert str(error.value) == "pipe_file faults/x: the storage did not answer for 2 s"
+
+
+def test_a_score_pass_rides_out_an_outage_while_it_writes(store, lake):
+    """The store goes down for 3 s as soon as the run's first staged file lands (Ray tasks writing, or the
+    driver committing, whichever is under way): every call waits it out, and the run ends with rows in
+    = rows out, every partition committed."""
+    from fimood import passes
+    from fimood.apps.datasets import load_source
+    from fimood.lake.tables import write_image_parquet
+
+    mnist = load_source("mnist", limit=120)
+    for day, rows in (("date=1", slice(0, 60)), ("date=2", slice(60, 120))):
+        url = f"s3://faults/in/{day}"
+        write_image_parquet(url, mnist.ids[rows], mnist.images[rows], rows_per_shard=20, storage_options=store.options)
+    watcher, done, outages = store.fs(), threading.Event(), []
+
+    def outage_at_first_staged_file():
+        while not done.is_set():
+            if watcher.exists("faults/out/_staging") and watcher.find("faults/out/_staging", withdirs=False):
+                outages.append(time.monotonic())
+                store.stop()
+                time.sleep(3.0)
+                store.start()
+                return
+            time.sleep(0.05)
+            watcher.invalidate_cache()
+
+    thread = threading.Thread(target=outage_at_first_staged_file)
+    thread.start()
+    try:
+        config = passes.PipelineConfig(batch_size=32, storage_options=store.options)
+        summary = passes.score(lake["detector"], "s3://faults/in", "s3://faults/out", config)
+    finally:
+        done.set()
+        thread.join()
+    table = read_committed("s3://faults/out", store.options)
+    assert outages, "the store went down while the run was under way"
+    assert summary.rows == table.num_rows == 120 and sorted(table.column("id").to_pylist()) == sorted(mnist.ids)
