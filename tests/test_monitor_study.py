@@ -51,4 +51,5 @@ def test_a_small_monitor_study_measures_every_method_and_writes_its_tables(tmp_p
     markdown = write_monitor_study(result, str(tmp_path / "docs"), "fimood monitor-study --models glow", 60.0)
     text = Path(markdown).read_text()
     assert "`fimood monitor-study --models glow`" in text and "| glow | 40 |" in text and "| glow | pixels-ks |" in text
+    assert [e["model"] for e in result.references] == ["glow"] and 0 <= result.references[0]["pool_layers_p"] <= 1
     assert json.loads((tmp_path / "docs" / "monitoring-study.json").read_text())["config"]["models"] == ["glow"]

@@ -75,6 +75,7 @@ class MonitorStudyResult:
     lifetime: list[dict]  # {model, method, rows, nights, budget, alarms}
     power: list[dict]  # {model, method, rows, share, nights, flagged}
     pool_sizes: dict[str, int]
+    references: list[dict] = field(default_factory=list)  # per model: the reference, and the pool as one night
 
 
 def run_monitor_study(config: MonitorStudyConfig) -> MonitorStudyResult:
@@ -96,8 +97,28 @@ def run_monitor_study(config: MonitorStudyConfig) -> MonitorStudyResult:
         model, _ = checkpoint(name, urls["fashion-mnist-train"], study)
         statistics = _model_statistics(name, model, fit, pools, study)
         statistics["pixels-ks"] = pixels
+        result.references.append(_reference_facts(name, statistics["gradient"]))
         _measure(name, statistics, config, rng, result)
     return result
+
+
+def _reference_facts(name: str, gradient: Statistic) -> dict:
+    """What the gradient monitor's reference is made of, and the in-distribution pool tested as one night
+    of distinct rows (the layer test): the pool is a fair sample if this is not significant."""
+    reference, pool = gradient.reference, gradient.z["fashion-mnist"]
+    values, _ = reference.mean_axes
+    p_value, mean_shift = reference.mean_test(pool.mean(axis=0), len(pool))
+    return {
+        "model": name,
+        "fit_rows": reference.n_fit,
+        "calibration_scores": reference.n_calibration,
+        "layers": len(reference.layer_names),
+        "axes": len(values),
+        "condition_number": float(values.max() / values.min()),
+        "pool_rows": len(pool),
+        "pool_layers_p": p_value,
+        "pool_mean_shift": mean_shift,
+    }
 
 
 def _source(name: str):
@@ -299,6 +320,20 @@ def write_monitor_study(result: MonitorStudyResult, out: str, command: str, seco
             f"| {e['model']} | {e['method']} | {e['rows']} | {e['nights']} | {e['budget']:g} | {e['alarms']} "
             f"| {bound:.1f} |"
         )
+    lines += [
+        "",
+        "## The gradient monitor's reference, and the in-distribution pool as one night",
+        "",
+        "| model | fit rows | calibration scores | layers | axes tested | condition number of R "
+        "| pool rows | pool's layer-test p | pool's mean shift |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in result.references:
+        lines.append(
+            f"| {e['model']} | {e['fit_rows']} | {e['calibration_scores']} | {e['layers']} | {e['axes']} "
+            f"| {e['condition_number']:.3g} | {e['pool_rows']} | {e['pool_layers_p']:.2f} "
+            f"| {e['pool_mean_shift']:.3f} |"
+        )
     lines += ["", "## Power: share of nights flagged, by MNIST share of the night's rows", ""]
     for rows in config.night_rows:
         lines += [
@@ -327,6 +362,7 @@ def write_monitor_study(result: MonitorStudyResult, out: str, command: str, seco
         "lifetime": result.lifetime,
         "power": result.power,
         "pool_sizes": result.pool_sizes,
+        "references": result.references,
     }
     write_bytes(join(out, "monitoring-study.json"), json.dumps(document, indent=1).encode())
     return markdown
