@@ -64,7 +64,7 @@ class Statistic:
     calibration: np.ndarray
     pools: dict[str, np.ndarray]  # pool → (n,) scores
     z: dict[str, np.ndarray] = field(default_factory=dict)  # pool → (n, L) z-scores (gradient only)
-    fresh_offset: np.ndarray | None = None  # (L, L) factor: each night's z-scores move by a fresh draw of it
+    fresh_offset: np.ndarray | None = None  # (L, k) factor: each night's z-scores move by a fresh draw of it
 
 
 @dataclass

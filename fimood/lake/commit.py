@@ -95,6 +95,11 @@ class OutputFolder:
     def __post_init__(self) -> None:
         self.fs = resilient(self.fs)
 
+    @classmethod
+    def under(cls, fs, root: str, folder: str) -> OutputFolder:
+        """The partition `folder` (relative; '' for `root` itself) of the output at `root`."""
+        return cls(fs, join(root, folder) if folder else root.rstrip("/"))
+
     def read_marker(self) -> Marker | None:
         data = self._read(MARKER)
         return None if data is None else Marker.from_json(data)
@@ -183,6 +188,10 @@ def _now() -> str:
 def committed_partitions(url: str, storage_options: StorageOptions = None) -> dict[str, Marker]:
     """Every committed partition under an output URL: folder (relative, '' for the URL itself) → the marker
     of the version readers get (`OutputFolder.current`)."""
+    return {name: marker for name, (_, marker) in _current_versions(url, storage_options).items()}
+
+
+def _current_versions(url: str, storage_options: StorageOptions) -> dict[str, tuple[OutputFolder, Marker]]:
     fs, root = filesystem(url, storage_options)
     fs, root = resilient(fs), root.rstrip("/")
     if not fs.exists(root):
@@ -191,9 +200,10 @@ def committed_partitions(url: str, storage_options: StorageOptions = None) -> di
     for path in sorted(fs.find(root)):
         parent, _, name = path[len(root) :].strip("/").rpartition("/")
         if name in (MARKER, JOURNAL) and not parent.startswith(STAGING) and parent not in found:
-            marker = OutputFolder(fs, join(root, parent) if parent else root).current()
+            folder = OutputFolder.under(fs, root, parent)
+            marker = folder.current()
             if marker is not None:
-                found[parent] = marker
+                found[parent] = (folder, marker)
     return found
 
 
@@ -204,12 +214,10 @@ def read_committed(url: str, storage_options: StorageOptions = None, columns: li
     while it is read; never a mix. Hive-style folder names (`date=2026-11-26`) become string
     columns; a partition lacking a key gets nulls in it. Partitions never committed are left out.
     """
-    fs, root = filesystem(url, storage_options)
-    fs, root = resilient(fs), root.rstrip("/")
     tables = []
-    for folder, marker in committed_partitions(url, storage_options).items():
-        keys = dict(part.split("=", 1) for part in folder.split("/") if "=" in part)
-        for table in _read_version(OutputFolder(fs, join(root, folder) if folder else root), marker, columns):
+    for name, (folder, marker) in _current_versions(url, storage_options).items():
+        keys = dict(part.split("=", 1) for part in name.split("/") if "=" in part)
+        for table in _read_version(folder, marker, columns):
             for key, value in keys.items():
                 table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
             tables.append(table)

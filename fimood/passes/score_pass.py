@@ -153,9 +153,7 @@ def score(
     check_strict(model, config)
     listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
     fs, out_root = filesystem(out_url, config.storage_options)
-    folders = {
-        p.folder: OutputFolder(fs, join(out_root, p.folder) if p.folder else out_root.rstrip("/")) for p in listed
-    }
+    folders = {p.folder: OutputFolder.under(fs, out_root, p.folder) for p in listed}
     results, todo = [], []
     for partition in listed:
         folder = folders[partition.folder]

@@ -45,11 +45,11 @@ def summarise_partitions(
     fs, root = filesystem(out_url, storage_options)
     partition_of = {}
     for folder in folders:
-        path = join(root, folder) if folder else root.rstrip("/")
-        marker = OutputFolder(fs, path).read_marker()
+        output = OutputFolder.under(fs, root, folder)
+        marker = output.read_marker()
         if marker is None or not marker.z_scores:
             raise ValueError(f"{join(out_url, folder)}: no committed score table with z-scores to summarise")
-        partition_of.update({join(path, name): folder for name in marker.files})
+        partition_of.update({join(output.path, name): folder for name in marker.files})
     results = {
         folder: SummaryWithExamples(PartitionSummary.empty(len(calibration_scores), n_layers)) for folder in folders
     }
