@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -18,6 +19,8 @@ from fimood import passes
 from fimood.apps.datasets import load_source
 from fimood.lake.commit import read_committed
 from fimood.lake.tables import write_image_parquet
+from fimood.method.baselines import TypicalityTest
+from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
 from fimood.models import Glow, GlowConfig, LikelihoodModel, save_model
 from fimood.models.training import TrainConfig, train
 
@@ -120,6 +123,20 @@ def glow64() -> Glow:
 def user_model() -> OddUserModel:
     torch.manual_seed(1)
     return OddUserModel().double()
+
+
+def small_detector(extra: dict | None = None) -> DetectorArtifact:
+    """A fitted detector over two made-up features, with the manifest's `extra`."""
+    rng = np.random.default_rng(0)
+    return DetectorArtifact(
+        model_uri="memory://model",
+        model_sha256="ab" * 32,
+        feature_names=["a", "b"],
+        settings=DetectorSettings(),
+        by_group={1: GradNormDetector().fit(rng.normal(size=(50, 2)), rng.normal(size=(20, 2)))},
+        typicality=TypicalityTest().fit(rng.normal(size=50)),
+        extra=extra or {},
+    )
 
 
 def assert_rel_close(actual: Tensor, expected: Tensor, rtol: float = 1e-6) -> None:

@@ -20,7 +20,7 @@ from fimood.apps.datasets import load_source
 from fimood.cli import main
 from fimood.lake.history import read_history, write_history_rows
 from fimood.lake.tables import write_image_parquet
-from fimood.models import Glow, save_model
+from fimood.models import Glow, save_model, training_data_record
 from fimood.models.training import TrainConfig, train
 
 NIGHTS = [f"2026-11-0{day}" for day in range(1, 8)]
@@ -32,14 +32,19 @@ MNIST_SHARE = 0.2
 
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory, ray_session):
-    """A tiny Glow and its detector fitted on FashionMNIST rows, and a lake of seven nightly partitions."""
+    """A tiny Glow trained on FashionMNIST's train split, its detector fitted on fresh test-split rows, and a
+    lake of seven nightly partitions of other fresh rows."""
     root = tmp_path_factory.mktemp("monitor")
     fashion = load_source("fashion-mnist", "test", limit=FIT_ROWS + len(NIGHTS) * ROWS_PER_NIGHT)
     mnist = load_source("mnist", limit=len(SHIFTED) * ROWS_PER_NIGHT)
     torch.manual_seed(0)
     model = Glow.from_preset("tiny")
-    train(model, fashion.images[:FIT_ROWS], TrainConfig(steps=100, batch_size=32, warmup_steps=10), progress=False)
-    urls = {name: str(root / name) for name in ("model", "fit", "lake", "detector", "scores", "history", "report")}
+    training = load_source("fashion-mnist", "train", limit=FIT_ROWS)
+    train(model, training.images, TrainConfig(steps=100, batch_size=32, warmup_steps=10), progress=False)
+    names = ("train", "model", "fit", "lake", "detector", "scores", "history", "report")
+    urls = {name: str(root / name) for name in names}
+    write_image_parquet(urls["train"], training.ids, training.images)
+    model.training_data = training_data_record(urls["train"], (0.0, 1.0), training.ids)
     save_model(model, urls["model"])
     write_image_parquet(urls["fit"], fashion.ids[:FIT_ROWS], fashion.images[:FIT_ROWS], rows_per_shard=500)
     detector, _ = passes.fit(urls["model"], urls["fit"], passes.PipelineConfig(batch_size=64))
@@ -67,7 +72,7 @@ def monitor(urls: dict, *extra: str) -> int:
 
 def verdicts(urls: dict) -> dict[str, str]:
     summary = json.loads(Path(urls["report"], "summary.json").read_text())
-    assert summary["schema"] == "fimood-monitor-summary" and summary["schema_version"] == 2
+    assert summary["schema"] == "fimood-monitor-summary" and summary["schema_version"] == 3
     return {entry["partition"]: entry for entry in summary["partitions"]}
 
 
@@ -86,14 +91,13 @@ def test_the_shifted_nights_are_flagged_with_their_layers_and_the_exit_code_says
 def test_rerunning_a_night_replaces_its_history_row(monitored):
     if not Path(monitored["history"]).exists():
         assert monitor(monitored) == 3
-    before = {
-        row["partition"]: row["monitored_at"] for row in read_history(monitored["history"], detector_id(monitored))
-    }
+    before = {row["partition"]: row["monitored_at"] for row in read_history(monitored["history"], stream(monitored))}
     assert monitor(monitored, "--partitions", f"date={SHIFTED[1]}") == 3
-    rows = read_history(monitored["history"], detector_id(monitored))
+    rows = read_history(monitored["history"], stream(monitored))
     assert [row["partition"] for row in rows] == [f"date={night}" for night in NIGHTS]
     table = pads.dataset(monitored["history"], format="parquet", partitioning="hive").to_table()
-    assert table.num_rows == len(NIGHTS) and set(table.column("detector").to_pylist()) == {detector_id(monitored)}
+    assert table.num_rows == len(NIGHTS) and set(table.column("stream").to_pylist()) == {stream(monitored)}
+    assert set(table.column("detector_id").to_pylist()) == {detector_id(monitored)}
     assert sum(before[row["partition"]] != row["monitored_at"] for row in rows) <= 1
 
 
@@ -162,7 +166,21 @@ def test_the_report_opens_in_headless_chromium_without_console_errors(monitored,
     assert console == []
 
 
+def stream(urls: dict) -> str:
+    return json.loads(Path(urls["report"], "summary.json").read_text())["stream"]
+
+
 def detector_id(urls: dict) -> str:
     from fimood.method.detector import DetectorArtifact
 
     return DetectorArtifact.load(urls["detector"]).detector_id
+
+
+def test_a_detector_fitted_on_the_models_training_rows_is_refused_unless_allowed(monitored, tmp_path, capsys):
+    """Rows a model was trained on fit it better than fresh rows: every fresh night would look shifted."""
+    urls = {**monitored, **{name: str(tmp_path / name) for name in ("detector", "scores", "history", "report")}}
+    detector, _ = passes.fit(monitored["model"], monitored["train"], passes.PipelineConfig(batch_size=64))
+    detector.save(urls["detector"])
+    assert monitor(urls, "--partitions", f"date={NIGHTS[0]}") == 4
+    assert "trained on" in capsys.readouterr().err and not Path(urls["history"]).exists()
+    assert monitor(urls, "--partitions", f"date={NIGHTS[0]}", "--allow-training-rows") in (0, 3)

@@ -94,7 +94,7 @@ def test_monitor_on_s3_and_no_credential_anywhere(s3, lake, tmp_path):
     result = run_monitor(config)
     write_monitor_report(result, config.report, s3)
     assert [v.partition for v in result.verdicts] == [f"date={day}" for day in DAYS]
-    assert [row["partition"] for row in read_history(config.history, result.detector_id, s3)] == [
+    assert [row["partition"] for row in read_history(config.history, result.stream, s3)] == [
         f"date={day}" for day in DAYS
     ]
     assert json.loads(fs.cat_file("lake/monitor/report/summary.json"))["exit_code"] == result.exit_code

@@ -5,15 +5,13 @@ import json
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import tiny_glow
+from conftest import small_detector, tiny_glow
 
 from fimood.lake.commit import JOURNAL, MARKER, read_committed
 from fimood.lake.history import read_history
-from fimood.method.baselines import TypicalityTest
-from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
+from fimood.method.detector import DetectorArtifact
 from fimood.models import DDPM, load_model, save_model
 
 
@@ -51,15 +49,7 @@ def ddpm_folder(root: Path) -> Path:
 
 
 def detector_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    DetectorArtifact(
-        model_uri="memory://model",
-        model_sha256="ab" * 32,
-        feature_names=["a", "b"],
-        settings=DetectorSettings(),
-        by_group={1: GradNormDetector().fit(rng.normal(size=(50, 2)), rng.normal(size=(20, 2)))},
-        typicality=TypicalityTest().fit(rng.normal(size=50)),
-    ).save(str(root))
+    small_detector().save(str(root))
     return root
 
 
@@ -73,8 +63,10 @@ PLANTS = [
     ("model", "config.json", None),
     ("model", "model.safetensors", None),
     ("model", "pytorch_model.bin", "model.safetensors"),
+    ("model", "fimood_training.json", None),
     ("ddpm", "model_index.json", None),
     ("ddpm", "fimood.json", None),
+    ("ddpm", "fimood_training.json", None),
     ("ddpm", "unet/config.json", None),
     ("ddpm", "unet/diffusion_pytorch_model.safetensors", None),
     ("ddpm", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.safetensors"),
@@ -104,7 +96,7 @@ def test_pickles_planted_in_an_output_and_a_history_are_refused_and_never_run(tm
         plant(out / "date=1" / name, sentinel)
         with pytest.raises(ValueError):
             read_committed(str(out))
-    plant(tmp_path / "history" / "detector=x" / "date=1.parquet", sentinel)
+    plant(tmp_path / "history" / "stream=x" / "date=1.parquet", sentinel)
     with pytest.raises(Exception, match="Parquet"):
         read_history(str(tmp_path / "history"), "x")
     assert not sentinel.exists()

@@ -11,15 +11,16 @@ import base64
 import html
 import io
 import json
+from dataclasses import asdict
 
 import numpy as np
 import scipy.stats
 
-from fimood.apps.monitor import MonitorResult
+from fimood.apps.monitor import REFERENCE_DOMINATES, MonitorResult
 from fimood.apps.study_report import pyplot
 from fimood.storage import join, write_bytes
 
-SUMMARY_SCHEMA_VERSION = 2  # 2: `mean_shift`, `min_mean_shift`
+SUMMARY_SCHEMA_VERSION = 3  # 2: `mean_shift`, `min_mean_shift`; 3: `stream`, `guarantee`, per-partition `guarantee`
 MAX_HEATMAP_LAYERS = 30
 
 
@@ -52,13 +53,17 @@ def summary_document(result: MonitorResult) -> dict:
                 "e_value": verdict.e_value,
                 "statistic": verdict.statistic,
                 "top_layers": tests.top_layers,
+                "guarantee": asdict(verdict.guarantee),
             }
         partitions.append(entry)
     return {
         "schema": "fimood-monitor-summary",
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "detector_id": result.detector_id,
+        "stream": result.stream,
         "budget": result.budget.describe(),
+        "reference_risk": result.reference.risk,
+        "guarantee": None if result.guarantee is None else str(result.guarantee),
         "min_excess": result.min_excess,
         "min_mean_shift": result.min_mean_shift,
         "exit_code": result.exit_code,
@@ -74,8 +79,9 @@ def html_page(result: MonitorResult) -> str:
         f"<h1>fimood monitor: {html.escape(head)}</h1>",
         f"<p>Detector <code>{result.detector_id}</code>; {html.escape(result.budget.describe())}; a shift also "
         f"needs at least {result.min_excess:.1%} of a partition's rows beyond the reference, or the layers' mean "
-        f"moved by {result.min_mean_shift:g} of an in-distribution standard deviation. "
-        f"{len(result.history)} partitions in the history.</p>",
+        f"moved by {result.min_mean_shift:g} of an in-distribution standard deviation (both lower bounds). "
+        f"Stream <code>{html.escape(result.stream)}</code>, {len(result.history)} partitions in its history.</p>",
+        _guarantee_paragraph(result),
         "<h2>Verdicts</h2>",
         _verdict_table(result),
         *[
@@ -127,6 +133,15 @@ def _verdict_table(result: MonitorResult) -> str:
     return f"<table>{header}{''.join(rows)}</table>"
 
 
+def _guarantee_paragraph(result: MonitorResult) -> str:
+    if result.guarantee is None:
+        return ""
+    text = f"<p><b>Guarantee:</b> {html.escape(str(result.guarantee))}.</p>"
+    if result.guarantee.reference_dominates:
+        text += f"<p><b>Warning:</b> {html.escape(REFERENCE_DOMINATES)}.</p>"
+    return text
+
+
 def _rate_plot(result: MonitorResult):
     plt = pyplot()
     history = result.history
@@ -135,12 +150,16 @@ def _rate_plot(result: MonitorResult):
     x = np.arange(len(history))
     rates = [row["ood_rate"] for row in history]
     low, high = [], []
-    for row in history:  # the beta-binomial's 95% band for a night of this many rows
-        n, j, m = max(row["scored"], 1), reference.above_threshold, reference.n_calibration
-        band = scipy.stats.betabinom.ppf([0.025, 0.975], n, j + 1, m - j) / n
+    j, m = reference.above_threshold, reference.n_calibration
+    rates_allowed = scipy.stats.beta.ppf([reference.test_risk, 1 - reference.test_risk], j + 1, m - j)
+    for row in history:  # what this reference allows, and a night of this many rows' own 95% noise
+        n = max(row["scored"], 1)
+        band = scipy.stats.binom.ppf([0.025, 0.975], n, rates_allowed) / n
         low.append(band[0])
         high.append(band[1])
-    axes.fill_between(x, low, high, color="#9bc", alpha=0.5, label="expected (95%)", step="mid")
+    axes.fill_between(
+        x, low, high, color="#9bc", alpha=0.5, label="in distribution, this reference allowed for (95%)", step="mid"
+    )
     axes.axhline(reference.expected_rate, color="#468", lw=1)
     colors = ["#c22" if row["verdict"] == "shift" else "#222" for row in history]
     axes.plot(x, rates, color="#222", lw=1)

@@ -145,7 +145,9 @@ def write_study_data(work: str, rows: int, fit_rows: int, seed: int = 0) -> dict
     return urls
 
 
-def checkpoint(name: str, train_url: str, config: StudyConfig) -> tuple[LikelihoodModel, dict]:
+def checkpoint(
+    name: str, train_url: str, config: StudyConfig, id_hash_range: tuple[float, float] = (0.0, 1.0)
+) -> tuple[LikelihoodModel, dict]:
     """The study's checkpoint of one model, trained here unless one made the same way is in `work`.
 
     Returns the model and its record: how it was made (steps, seed, preset, code), when, and how long
@@ -162,6 +164,9 @@ def checkpoint(name: str, train_url: str, config: StudyConfig) -> tuple[Likeliho
         "data": json.loads(read_bytes(join(train_url, RECORD)))["recipe"],
         "code": code_version(sys.modules[cls.__module__], model_training, training),
     }
+    if tuple(id_hash_range) != (0.0, 1.0):  # trained on part of the table's rows (`fimood train --id-hash-range`)
+        recipe["id_hash_range"] = list(id_hash_range)
+        model_url = join(config.work, "models", f"{name}-ids-{id_hash_range[0]:g}-{id_hash_range[1]:g}")
     record_url = f"{model_url}.json"
     if _matching_record(record_url, recipe):
         logger.info("reusing the %s checkpoint at %s, made the same way", name, model_url)
@@ -174,7 +179,12 @@ def checkpoint(name: str, train_url: str, config: StudyConfig) -> tuple[Likeliho
         start = time.perf_counter()
         train_config = TrainConfig(steps=steps, seed=config.seed)
         summary = train_checkpoint(
-            train_url, model_url, model_type=name, preset=config.preset, train_config=train_config
+            train_url,
+            model_url,
+            model_type=name,
+            preset=config.preset,
+            train_config=train_config,
+            id_hash_range=id_hash_range,
         )
         record = {
             "recipe": recipe,

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", required=True, help="detector folder URL")
     parser.add_argument("--data", required=True, help="the lake: Parquet shards or image folders, any layout")
     parser.add_argument("--scores", required=True, help="score tables (written here by the score pass when missing)")
-    parser.add_argument("--history", required=True, help="history table folder: one row per partition and detector")
+    parser.add_argument("--history", required=True, help="history table folder: one row per partition and stream")
     parser.add_argument("--report", required=True, help="folder for index.html (self-contained) and summary.json")
     parser.add_argument("--partitions", nargs="+", default=[], metavar="GLOB", help="input folders to monitor")
     budget = parser.add_mutually_exclusive_group()
@@ -45,13 +45,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--min-excess",
         type=float,
         default=0.01,
-        help="a shift must move at least this share of a partition's rows beyond the reference...",
+        help="a shift must move at least this share of a partition's rows beyond the reference (a lower bound)...",
     )
     parser.add_argument(
         "--min-mean-shift",
         type=float,
         default=0.1,
-        help="...or the layers' mean by at least this many in-distribution standard deviations (Mahalanobis)",
+        help="...or the layers' mean by at least this many in-distribution SDs (Mahalanobis, a lower bound)",
+    )
+    parser.add_argument(
+        "--reference-risk",
+        type=float,
+        default=0.05,
+        metavar="DELTA",
+        help="the budgets hold for all but this share of references: the tests allow for the reference's own "
+        "error with probability 1 - DELTA",
+    )
+    parser.add_argument(
+        "--stream",
+        default=None,
+        help="the name of the monitored stream the lifetime budget runs over (default: this data with this detector)",
+    )
+    parser.add_argument(
+        "--allow-training-rows",
+        action="store_true",
+        help="monitor even when the detector was fitted on rows the model was trained on (its nulls are then wrong)",
     )
     add_pipeline_options(parser)
 
@@ -79,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
         budget=budget,
         min_excess=args.min_excess,
         min_mean_shift=args.min_mean_shift,
+        reference_risk=args.reference_risk,
+        stream=args.stream,
+        allow_training_rows=args.allow_training_rows,
         pipeline=pipeline_config(args),
     )
     try:

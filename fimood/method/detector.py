@@ -209,6 +209,13 @@ class DetectorArtifact:
         return json.dumps(manifest, indent=2, sort_keys=True).encode(), arrays_bytes
 
 
+def training_rows_in_fit(detector: DetectorArtifact) -> int | None:
+    """How many of the rows the detector was fitted on its model was trained on (0: none); None when unknown
+    (the model records no training data, or the fit predates the check)."""
+    count = detector.extra.get("training_rows_in_fit")
+    return None if count is None else int(count)
+
+
 def load_detector_and_model(
     detector_url: str, storage_options: StorageOptions = None, allowed_imports: tuple[str, ...] = ()
 ) -> tuple[DetectorArtifact, LikelihoodModel]:

@@ -14,7 +14,7 @@ import numpy as np
 from fimood.method.baselines import TypicalityTest
 from fimood.method.detector import GradNormDetector
 from fimood.method.scoring import DEFAULT_RULE
-from fimood.method.splits import split_hash
+from fimood.method.splits import split_hash, training_rows
 from fimood.method.statistics import FeatureStats
 
 
@@ -28,13 +28,24 @@ class FitReduce:
     either, and no row is wasted). Once the cap is reached, a row hashing above every kept one goes
     there on arrival; rows that might belong wait in a short queue (a quarter of the cap) until the
     kept set is trimmed again.
+
+    With `training_id_hash_range` (the model's recorded range, when the rows come from its training
+    table), it counts the rows whose training hash lies in it: rows the model was trained on.
     """
 
-    def __init__(self, n_features: int, calibration_fraction: float, max_calibration_rows: int = 100_000):
+    def __init__(
+        self,
+        n_features: int,
+        calibration_fraction: float,
+        max_calibration_rows: int = 100_000,
+        training_id_hash_range: tuple[float, float] | None = None,
+    ):
         if max_calibration_rows < 1:
             raise ValueError(f"max_calibration_rows must be at least 1, got {max_calibration_rows}")
         self.calibration_fraction = calibration_fraction
         self.max_calibration_rows = max_calibration_rows
+        self.training_id_hash_range = training_id_hash_range
+        self.training_rows = 0  # rows added that the model was trained on
         self.stats = FeatureStats.empty(n_features)
         self.nll_sum, self.nll_count = 0.0, 0
         self._hashes: list[np.ndarray] = [np.zeros(0)]
@@ -52,6 +63,8 @@ class FitReduce:
 
     def add(self, ids: list[str], log_sq_norms: np.ndarray, nll: np.ndarray) -> None:
         """Add a batch of decodable rows: ids (n,), features (n, L), NLL (n,)."""
+        if self.training_id_hash_range is not None:
+            self.training_rows += int(training_rows(ids, self.training_id_hash_range).sum())
         hashes = split_hash(ids)
         calibration = (hashes < self.calibration_fraction) & (hashes < self._largest_kept_hash)
         self._fit_on(log_sq_norms[~calibration], nll[~calibration])

@@ -2,7 +2,7 @@
 adapter, and checkpoints. Importing this package registers the built-in models."""
 
 from fimood.models.adapter import ModelAdapter
-from fimood.models.base import LikelihoodModel, Preset
+from fimood.models.base import LikelihoodModel, Preset, training_data_record
 from fimood.models.checkpoint import load_model, load_model_with_hash, save_model
 from fimood.models.ddpm import DDPM, DDPMConfig
 from fimood.models.glow import Glow, GlowConfig
@@ -28,4 +28,5 @@ __all__ = [
     "model_class",
     "register_model",
     "save_model",
+    "training_data_record",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -13,11 +14,26 @@ import torch
 from torch import Tensor, nn
 
 from fimood.models.registry import MODELS
-from fimood.storage import StorageOptions, join, parse_json, parse_safetensors, read_bytes, sha256_hex, write_bytes
+from fimood.storage import (
+    StorageOptions,
+    absolute_url,
+    filesystem,
+    join,
+    parse_json,
+    parse_safetensors,
+    read_bytes,
+    resilient,
+    sha256_hex,
+    write_bytes,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+TRAINING_DATA_NAME = "fimood_training.json"  # what the model was trained on, when fimood trained it
+TRAINING_DATA_FORMAT = "fimood-training-data"
+TRAINING_DATA_FORMAT_VERSION = 1
+TRAINING_DATA_KEYS = ("data", "id_hash_range", "rows", "ids_sha256")
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class LikelihoodModel(nn.Module, ABC):
     checkpoint_marker: ClassVar[str] = CONFIG_NAME  # the file a checkpoint writes last: it marks a whole one
     image_shape: tuple[int, int, int]  # (C, H, W) of the images `nll` takes
     checkpoint_sha256: str | None = None  # content hash of the checkpoint it was saved to or loaded from
+    training_data: dict[str, Any] | None = None  # `training_data_record` of what it was trained on, if known
 
     @abstractmethod
     def nll(self, x: Tensor, seeds: Tensor | None = None) -> Tensor:
@@ -85,10 +102,11 @@ class LikelihoodModel(nn.Module, ABC):
         return self.nll(x, seeds)
 
     def save_pretrained(self, url: str, storage_options: StorageOptions = None) -> str:
-        """Write `model.safetensors`, then `config.json` (model type and settings), under any fsspec URL.
+        """Write `model.safetensors`, `fimood_training.json` (with a `training_data` record), then `config.json`
+        (model type and settings), under any fsspec URL.
 
         The weights go first, so a folder with a `config.json` always holds a whole checkpoint.
-        Returns the checkpoint's content hash.
+        Returns the checkpoint's content hash (which covers the training record).
         """
         cls = type(self)
         model_type = cls.model_type if MODELS.get(cls.model_type) is cls else f"{cls.__module__}:{cls.__qualname__}"
@@ -97,13 +115,20 @@ class LikelihoodModel(nn.Module, ABC):
         state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.state_dict().items()}
         weights_bytes = safetensors.torch.save(state)
         write_bytes(join(url, WEIGHTS_NAME), weights_bytes, storage_options)
+        hashed = [config_bytes, weights_bytes]
+        if self.training_data is None:
+            remove_training_data(url, storage_options)
+        else:
+            hashed.append(training_data_bytes(self.training_data))
+            write_bytes(join(url, TRAINING_DATA_NAME), hashed[-1], storage_options)
         write_bytes(join(url, CONFIG_NAME), config_bytes, storage_options)
-        self.checkpoint_sha256 = sha256_hex(config_bytes, weights_bytes)
+        self.checkpoint_sha256 = sha256_hex(*hashed)
         return self.checkpoint_sha256
 
     @classmethod
     def from_pretrained(cls, url: str, storage_options: StorageOptions = None) -> LikelihoodModel:
-        """Rebuild a model saved by `save_pretrained`, in eval mode on the CPU, with its `checkpoint_sha256`."""
+        """Rebuild a model saved by `save_pretrained`, in eval mode on the CPU, with its `checkpoint_sha256`
+        and `training_data`."""
         fix = "save the model again"
         config_url, weights_url = join(url, CONFIG_NAME), join(url, WEIGHTS_NAME)
         config_bytes = read_bytes(config_url, storage_options)
@@ -116,8 +141,58 @@ class LikelihoodModel(nn.Module, ABC):
         model = cls.from_config(config["config"])
         weights_bytes = read_bytes(weights_url, storage_options)
         model.load_state_dict(parse_safetensors(weights_bytes, safetensors.torch.load, weights_url, fix=fix))
-        model.checkpoint_sha256 = sha256_hex(config_bytes, weights_bytes)
+        hashed = [config_bytes, weights_bytes]
+        training_url = join(url, TRAINING_DATA_NAME)
+        fs, path = filesystem(training_url, storage_options)
+        if resilient(fs).exists(path):  # older checkpoints have none; their hash is what it always was
+            hashed.append(read_bytes(training_url, storage_options))
+            model.training_data = parse_training_data(hashed[-1], training_url)
+        model.checkpoint_sha256 = sha256_hex(*hashed)
         return model.eval()
+
+
+def training_data_record(data_url: str, id_hash_range: tuple[float, float], ids: Sequence[str]) -> dict[str, Any]:
+    """What a model was trained on: the table, the id-hash range of its rows, and the ids' count and digest."""
+    return {
+        "format": TRAINING_DATA_FORMAT,
+        "format_version": TRAINING_DATA_FORMAT_VERSION,
+        "data": absolute_url(data_url),
+        "id_hash_range": [float(id_hash_range[0]), float(id_hash_range[1])],
+        "rows": len(ids),
+        "ids_sha256": sha256_hex("\n".join(sorted(ids)).encode()),
+    }
+
+
+def training_data_bytes(record: dict[str, Any]) -> bytes:
+    """A training record as the bytes of `fimood_training.json` (checked as a reader checks it)."""
+    data = json.dumps(record, indent=2, sort_keys=True).encode()
+    parse_training_data(data, "model.training_data")
+    return data
+
+
+def remove_training_data(url: str, storage_options: StorageOptions = None) -> None:
+    """Remove the training record an earlier save left under `url`, so it never describes a model saved without one."""
+    fs, path = filesystem(join(url, TRAINING_DATA_NAME), storage_options)
+    fs = resilient(fs)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def parse_training_data(data: bytes, url: str) -> dict[str, Any]:
+    """The training record read from `url`; anything else is one error naming the file."""
+    record = parse_json(data, url, fix="train the model again, or remove the file to load it without a record")
+    if not isinstance(record, dict) or record.get("format") != TRAINING_DATA_FORMAT:
+        raise ValueError(f"{url}: expected a {TRAINING_DATA_FORMAT!r} record, got {str(record)[:80]!r}")
+    version = record.get("format_version")
+    if version != TRAINING_DATA_FORMAT_VERSION:
+        raise ValueError(
+            f"{url}: format_version must be {TRAINING_DATA_FORMAT_VERSION}, got {version!r} (a newer fimood wrote "
+            "it?); train the model with this version, or remove the file to load it without a record"
+        )
+    missing = [key for key in TRAINING_DATA_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{url}: the training record lacks {missing}; train the model again")
+    return record
 
 
 class ConfiguredModel(LikelihoodModel):

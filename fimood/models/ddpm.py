@@ -3,7 +3,8 @@
 `nll` is the paper's quantity for diffusion models: the variational bound's weighted
 noise-prediction loss at chosen timesteps (default the least-noisy one), with each row's noise
 drawn from its seed. Checkpoints are diffusers pipeline folders (`DDPMPipeline.save_pretrained`),
-so a user's own folder loads as it is; fimood's scoring settings sit beside it in `fimood.json`.
+so a user's own folder loads as it is; fimood's scoring settings sit beside it in `fimood.json`, and what
+fimood trained it on in `fimood_training.json`.
 Diffusers is an optional extra: `pip install fimood[diffusion]`.
 """
 
@@ -20,7 +21,15 @@ import torch
 from torch import Tensor
 
 from fimood.models import noise
-from fimood.models.base import LikelihoodModel, Preset, validate_images
+from fimood.models.base import (
+    TRAINING_DATA_NAME,
+    LikelihoodModel,
+    Preset,
+    parse_training_data,
+    remove_training_data,
+    training_data_bytes,
+    validate_images,
+)
 from fimood.models.checkpoint import folder_files, folder_sha256, local_folder
 from fimood.models.registry import register_model
 from fimood.storage import StorageOptions, join, write_bytes
@@ -169,7 +178,8 @@ class DDPM(LikelihoodModel):
         return torch.stack(terms).mean(dim=0)
 
     def save_pretrained(self, url: str, storage_options: StorageOptions = None) -> str:
-        """Write a diffusers `DDPMPipeline` folder plus `fimood.json` under `url`; returns its content hash.
+        """Write a diffusers `DDPMPipeline` folder plus `fimood.json` (and `fimood_training.json` with a
+        `training_data` record) under `url`; returns its content hash, which covers every file.
 
         `model_index.json` goes last, so a folder that has one always holds a whole checkpoint.
         """
@@ -180,6 +190,11 @@ class DDPM(LikelihoodModel):
             pipeline.save_pretrained(tmp, safe_serialization=True)
             with open(os.path.join(tmp, SETTINGS_NAME), "w") as handle:
                 json.dump(settings, handle, indent=2, sort_keys=True)
+            if self.training_data is None:
+                remove_training_data(url, storage_options)
+            else:
+                with open(os.path.join(tmp, TRAINING_DATA_NAME), "wb") as handle:
+                    handle.write(training_data_bytes(self.training_data))
             files = sorted(folder_files(tmp), key=lambda relative: relative == self.checkpoint_marker)
             for relative in files:
                 with open(os.path.join(tmp, relative), "rb") as handle:
@@ -189,7 +204,8 @@ class DDPM(LikelihoodModel):
 
     @classmethod
     def from_pretrained(cls, url: str, storage_options: StorageOptions = None) -> DDPM:
-        """Load a diffusers DDPM folder (safetensors weights only, never from a hub), with its content hash."""
+        """Load a diffusers DDPM folder (safetensors weights only, never from a hub), with its content hash and
+        `training_data`."""
         diffusers = import_diffusers()
         with local_folder(url, storage_options) as path:
             unet = diffusers.UNet2DModel.from_pretrained(
@@ -202,6 +218,10 @@ class DDPM(LikelihoodModel):
                 with open(settings_file) as handle:
                     config = DDPMConfig(**json.load(handle)["config"])
             model = cls(unet, scheduler, config).eval()
+            training_file = os.path.join(path, TRAINING_DATA_NAME)
+            if os.path.exists(training_file):
+                with open(training_file, "rb") as handle:
+                    model.training_data = parse_training_data(handle.read(), join(url, TRAINING_DATA_NAME))
             model.checkpoint_sha256 = folder_sha256(path)
         return model
 

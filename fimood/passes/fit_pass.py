@@ -25,7 +25,7 @@ from fimood.passes.rows import (
     start_ray,
     storage_errors_in_one_line,
 )
-from fimood.storage import absolute_url
+from fimood.storage import absolute_url, overlaps
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,11 @@ def fit(
         raise ValueError(f"{len(plan.unreadable)} shards cannot be read, so nothing was fitted: {named}")
     units, rows_in = plan.units, plan.rows
     start_ray(config.address)
-    reduce = FitReduce(len(names), settings.calibration_fraction, max_calibration_rows)
+    # rows of the model's training table (or a folder inside it, or one holding it) in its id-hash range were trained on
+    training = model.training_data
+    reads_training_data = training is not None and overlaps(training["data"], data_url, config.storage_options)
+    training_range = tuple(training["id_hash_range"]) if reads_training_data else None
+    reduce = FitReduce(len(names), settings.calibration_fraction, max_calibration_rows, training_range)
     rows, reasons = 0, Counter()
     features = feature_rows(units, spec, model_url, model, config)
     for batch in features.iter_batches(batch_size=1024, batch_format="pyarrow"):
@@ -91,6 +95,19 @@ def fit(
         )
     if summary.errors:
         logger.warning("left %d of %d rows out of the fit: they could not be scored", summary.errors, rows)
+    training_rows_in_fit = None if training is None else reduce.training_rows
+    if training_rows_in_fit:
+        fitted = rows - summary.errors
+        logger.warning(
+            "fit: %d of %d rows (%.1f%%) are rows the model was trained on (%s, id hash in [%g, %g)), which it fits "
+            "better than fresh rows, so the detector's in-distribution reference is wrong; fit on rows the model was "
+            "not trained on, e.g. train with --id-hash-range 0 0.75 and fit on a table of the rest",
+            training_rows_in_fit,
+            fitted,
+            100 * training_rows_in_fit / fitted,
+            training["data"],
+            *training["id_hash_range"],
+        )
     per_row, typicality = reduce.finish(settings.false_positive_rate, settings.rule)
     detector = DetectorArtifact(
         model_uri=absolute_url(model_url),
@@ -99,6 +116,10 @@ def fit(
         settings=settings,
         by_group={1: per_row},
         typicality=typicality,
-        extra={"fit_data": absolute_url(data_url)},
+        extra={
+            "fit_data": absolute_url(data_url),
+            "training_rows_in_fit": training_rows_in_fit,
+            "training_data": training,
+        },
     )
     return detector, summary
