@@ -380,11 +380,12 @@ def write_monitor_study(result: MonitorStudyResult, out: str, command: str, seco
         f"is the other {result.pool_sizes['fresh']} FashionMNIST rows (unseen training rows and the test split); "
         f"MNIST {result.pool_sizes['mnist']} rows. {config.references} deployments: each fits one reference on "
         f"{config.fit_rows} fresh rows as `fimood fit` does and tests "
-        + ", ".join(f"{k} disjoint nights of {r} rows" for r, k in zip(config.night_rows, config.nights, strict=True))
+        + ", ".join(f"{k} disjoint night(s) of {r} rows" for r, k in zip(config.night_rows, config.nights, strict=True))
         + f" of other fresh rows against it. Every method flags a night at p ≤ {config.alpha}; the gradient and "
         f"NLL monitors also need the effect `fimood monitor` needs (an excess of at least {config.min_excess:.0%} "
         f"of the rows, or the layers' mean moved by {config.min_mean_shift} SD, both lower bounds) and allow for "
-        f"the reference's own error with probability {1 - config.reference_risk:.0%}.",
+        f"the reference's own error with probability {1 - config.reference_risk:.0%}; the rivals are tested as "
+        "published, valid on average over references, with no such allowance and no gate.",
         "",
         "## False alarms on shift-free nights (flagged / nights, pooled over the deployments)",
         "",
@@ -404,7 +405,8 @@ def write_monitor_study(result: MonitorStudyResult, out: str, command: str, seco
         "",
         f"A reference's nights are few, so its own rate cannot be resolved; the share of references with any "
         f"false alarm is compared with what {config.alpha} a night would give. Lifetime: the e-detector with "
-        f"N = {config.lifetime_nights:g} over each reference's nights in order (one partition a night).",
+        f"N = {config.lifetime_nights:g} over each reference's nights in order (one partition a night, no gate; "
+        f"with {sum(config.nights)} nights a reference, not a test of the budget, which allows nights / N).",
         "",
         "| model | method | rows a night | references | with a false alarm | expected at α | lifetime alarms |",
         "|---|---|---|---|---|---|---|",
