@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from fimood import passes
-from fimood.apps.datasets import load_source
 from fimood.lake.commit import read_committed
 from fimood.lake.tables import write_image_parquet
 from fimood.method.baselines import TypicalityTest
 from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
 from fimood.models import Glow, GlowConfig, LikelihoodModel, save_model
 from fimood.models.training import TrainConfig, train
+from fimood.onboarding.datasets import load_source
 
 # A loopback test cluster and its clients run without Ray's token auth (production keeps it on).
 os.environ["RAY_AUTH_MODE"] = "disabled"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_glow
 
-from fimood.models import base, load_model, load_model_with_hash, save_model
+from fimood.models import base, load_model, save_model
 
 
 @pytest.mark.parametrize("root", ["memory://models/glow", "local"])
@@ -14,7 +14,8 @@ def test_save_load_round_trip_gives_identical_nll(root, tmp_path):
     url = str(tmp_path / "glow") if root == "local" else root
     model = tiny_glow(dtype=torch.float32)
     sha = save_model(model, url)
-    loaded, loaded_sha = load_model_with_hash(url)
+    loaded = load_model(url)
+    loaded_sha = loaded.checkpoint_sha256
     x, seeds = torch.rand(3, 1, 8, 8), torch.arange(3)
     torch.testing.assert_close(loaded.nll(x, seeds), model.nll(x, seeds), rtol=0, atol=0)
     assert loaded_sha == sha and not loaded.training

@@ -146,3 +146,37 @@ def test_a_local_run_is_quiet(lake, tmp_path):
     assert result.returncode == 0 and "fit: 200 rows (0 errors)" in result.stdout, result.stderr[-2000:]
     assert "Token authentication" not in result.stderr and "WARNING" not in result.stderr
     assert not re.search(r"^\[[\d\- :,]+ E \d+", result.stderr, re.M), result.stderr[-2000:]
+
+
+def test_cli_defaults_are_the_configurations_defaults():
+    """Each setting has one home: the configuration dataclass. Every option the CLI derives from one of its
+    fields is there, and defaults to the field's default (so `fimood fit` with no option == the library's default)."""
+    import dataclasses
+
+    from fimood.method.detector import DetectorSettings
+    from fimood.monitor import MonitorConfig
+    from fimood.passes import PipelineConfig
+
+    parser = build_parser()
+    args = {
+        "fit": vars(parser.parse_args(["fit", "--model", "m", "--data", "d", "--out", "o"])),
+        "monitor": vars(
+            parser.parse_args(
+                ["monitor", *(f"--{name}={name}" for name in ("detector", "data", "scores", "history", "report"))]
+            )
+        ),
+    }
+    renamed = {"allowed_imports": "allow_import", "false_positive_rate": "fpr"}
+    checked = {
+        "fit": [PipelineConfig, DetectorSettings],
+        "monitor": [PipelineConfig, MonitorConfig],
+    }
+    for command, configs in checked.items():
+        for config in configs:
+            for field in dataclasses.fields(config):
+                option = renamed.get(field.name, field.name)
+                if field.default is dataclasses.MISSING or field.name in ("budget", "pipeline", "partitions"):
+                    continue
+                assert option in args[command], f"fimood {command} has no option for {config.__name__}.{field.name}"
+                given = args[command][option]
+                assert (tuple(given) if isinstance(given, list) else given) == field.default, (command, field.name)

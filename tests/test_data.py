@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fimood.apps import datasets as data
+from fimood.onboarding import datasets as data
 
 
 def test_fashion_mnist_test_split():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fimood.method.baselines import TypicalityTest
-from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector, load_detector_and_model
+from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector, load_detector
 from fimood.method.scoring import SCORING_RULES
 from fimood.method.statistics import FeatureStats
 
@@ -31,7 +31,7 @@ def _detector(rng) -> DetectorArtifact:
 def test_threshold_flags_the_chosen_share_of_in_distribution_rows(rule):
     rng = np.random.default_rng(0)
     detector = GradNormDetector(rule=rule, false_positive_rate=0.1).fit(_features(rng, 2000), _features(rng, 2000))
-    flagged = detector.predict(detector.ood_score(_features(rng, 5000))).mean()
+    flagged = detector.predict(_features(rng, 5000)).mean()
     assert flagged == pytest.approx(0.1, abs=0.02)
 
 
@@ -39,12 +39,49 @@ def test_threshold_flags_the_chosen_share_of_in_distribution_rows(rule):
 def test_p_values_are_calibrated_and_ordered_by_score(rule):
     rng = np.random.default_rng(1)
     detector = GradNormDetector(rule=rule).fit(_features(rng, 500), _features(rng, 1999))
-    scores = detector.ood_score(_features(rng, 4000))
-    p = detector.p_value(scores)
+    features = _features(rng, 4000)
+    scores, p = detector.ood_score(features), detector.p_values(features)
     assert (p > 0).all() and (p <= 1).all()
     assert np.mean(p <= 0.05) == pytest.approx(0.05, abs=0.015)
     order = np.argsort(scores)
     assert (np.diff(p[order]) <= 0).all()
+
+
+def test_the_detector_is_a_scikit_learn_estimator():
+    """Parameters stored by __init__, checked by fit; clone, check_is_fitted and the outlier-detector methods work."""
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError as SklearnNotFitted
+    from sklearn.utils.validation import check_is_fitted
+
+    from fimood.method.detector import NotFittedError
+
+    rng = np.random.default_rng(11)
+    unfitted = GradNormDetector(rule="paper", false_positive_rate=0.1)
+    assert unfitted.get_params() == {"rule": "paper", "false_positive_rate": 0.1}
+    with pytest.raises(SklearnNotFitted):
+        check_is_fitted(unfitted)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        unfitted.ood_score(_features(rng, 3))
+    fitted = clone(unfitted).fit(_features(rng, 500), _features(rng, 200))
+    check_is_fitted(fitted)
+    new = _features(rng, 50, shift=1.0)
+    np.testing.assert_array_equal(fitted.score_samples(new), -fitted.ood_score(new))
+    np.testing.assert_array_equal(fitted.predict(new), fitted.decision_function(new) < 0)
+    np.testing.assert_array_equal(fitted.p_values(new), fitted.p_values_of_scores(fitted.ood_score(new)))
+    rows = fitted.score_rows(new, z_scores=True)
+    np.testing.assert_array_equal(rows.is_ood, fitted.predict(new))
+    assert rows.z_scores.shape == (50, fitted.n_features_kept_) and fitted.n_features_in_ == 6
+    assert fitted.set_params(false_positive_rate=0.2).false_positive_rate == 0.2
+    with pytest.raises(ValueError, match="no parameters"):
+        fitted.set_params(threshold=3.0)
+
+
+def test_bad_parameters_are_refused_by_fit_not_by_init():
+    detector = GradNormDetector(rule="nearest-neighbour")  # stored, as scikit-learn does
+    with pytest.raises(ValueError, match="rule must be one of"):
+        detector.fit(np.random.default_rng(0).normal(size=(20, 2)))
+    with pytest.raises(ValueError, match=r"false_positive_rate must be in \(0, 1\)"):
+        GradNormDetector(false_positive_rate=1.5).fit(np.random.default_rng(0).normal(size=(20, 2)))
 
 
 def test_ood_rows_score_higher_than_in_distribution_rows():
@@ -67,16 +104,6 @@ def test_fit_from_merged_shard_statistics_equals_one_fit():
     assert many.threshold_ == pytest.approx(one.threshold_, rel=1e-10)
 
 
-def test_using_an_unfitted_detector_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="not fitted"):
-        GradNormDetector().ood_score(np.zeros((1, 6)))
-
-
-def test_bad_false_positive_rate_is_refused():
-    with pytest.raises(ValueError, match="false_positive_rate must be in"):
-        GradNormDetector(false_positive_rate=1.5)
-
-
 @pytest.mark.parametrize("root", ["memory://detectors/a", "local"])
 def test_save_load_round_trip_gives_identical_scores(root, tmp_path):
     url = str(tmp_path / "det") if root == "local" else root
@@ -88,7 +115,7 @@ def test_save_load_round_trip_gives_identical_scores(root, tmp_path):
     for size in (1, 5):
         np.testing.assert_array_equal(loaded.by_group[size].ood_score(new), detector.by_group[size].ood_score(new))
         np.testing.assert_array_equal(
-            loaded.by_group[size].p_value(new[:, 0]), detector.by_group[size].p_value(new[:, 0])
+            loaded.by_group[size].p_values_of_scores(new[:, 0]), detector.by_group[size].p_values_of_scores(new[:, 0])
         )
         assert loaded.by_group[size].threshold_ == detector.by_group[size].threshold_
     assert loaded.typicality.entropy_ == detector.typicality.entropy_
@@ -116,7 +143,7 @@ def test_a_format_2_detector_still_loads_and_scores_the_same(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     loaded = DetectorArtifact.load(str(tmp_path))
     new = _features(np.random.default_rng(7), 5)
-    assert loaded.settings == detector.settings
+    assert loaded.settings == detector.settings and loaded.feature_settings == detector.feature_settings
     np.testing.assert_array_equal(loaded.by_group[1].ood_score(new), detector.by_group[1].ood_score(new))
 
 
@@ -139,14 +166,14 @@ def test_a_detector_whose_features_are_not_the_models_tensors_is_refused(tmp_pat
     detector.model_uri, detector.model_sha256 = str(tmp_path / "model"), sha
     detector.save(str(tmp_path / "detector"))
     with pytest.raises(ValueError, match="the detector's features are not the model's trainable tensors"):
-        load_detector_and_model(str(tmp_path / "detector"))
+        load_detector(str(tmp_path / "detector"))
 
 
 def test_a_model_changed_since_the_fit_is_refused_on_the_driver_and_by_every_replica(tmp_path, glow64):
     from conftest import tiny_glow
 
     from fimood.models import Glow, save_model
-    from fimood.passes.rows import FeatureActor
+    from fimood.passes.actors import FeatureActor
 
     sha = save_model(glow64, str(tmp_path / "model"))
     save_model(tiny_glow(seed=1), str(tmp_path / "model"))  # replaced after the fit
@@ -154,6 +181,6 @@ def test_a_model_changed_since_the_fit_is_refused_on_the_driver_and_by_every_rep
     detector.model_uri, detector.model_sha256 = str(tmp_path / "model"), sha
     detector.save(str(tmp_path / "detector"))
     with pytest.raises(ValueError, match="changed since the detector was fitted"):
-        load_detector_and_model(str(tmp_path / "detector"))
+        load_detector(str(tmp_path / "detector"))
     with pytest.raises(ValueError, match="changed while the job ran"):  # what each actor checks as it loads
         FeatureActor(Glow, str(tmp_path / "model"), sha, None, "auto", 1)

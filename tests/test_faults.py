@@ -22,10 +22,10 @@ from conftest import read_scores
 from torch import Tensor, nn
 
 from fimood import passes
-from fimood.apps.datasets import load_source
 from fimood.lake.tables import write_image_parquet
 from fimood.models import register_model, save_model
 from fimood.models.base import ConfiguredModel, Preset
+from fimood.onboarding.datasets import load_source
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,6 @@ class DiesOnce(ConfiguredModel):
     model_type = "test-dies-once"
     config_class = DiesOnceConfig
     presets: ClassVar[dict[str, Preset]] = {"tiny": Preset({})}
-    study_train_steps = 1
 
     def __init__(self, config: DiesOnceConfig | None = None):
         super().__init__()

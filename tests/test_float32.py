@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from fimood.apps.datasets import load_source
 from fimood.engine import METHODS, grad_norms
 from fimood.models.base import pixels
 from fimood.models.registry import MODELS
 from fimood.models.training import TrainConfig, train
+from fimood.onboarding.datasets import load_source
 
 LOG_NORM_TOLERANCE = 1e-3
 

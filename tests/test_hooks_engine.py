@@ -217,11 +217,11 @@ def test_strict_mode_refuses_a_fallback_and_names_the_tensors(user_model, glow64
 def test_the_pipelines_strict_check_refuses_an_uncovered_model(user_model):
     """`fit` and `score` run this check on the driver, before Ray starts."""
     from fimood import passes
-    from fimood.passes import rows
+    from fimood.passes import actors
 
     with pytest.raises(StrictModeError, match="shared"):
-        rows.check_strict(user_model, passes.PipelineConfig(strict=True))
-    rows.check_strict(user_model, passes.PipelineConfig())  # not strict: nothing to check
+        actors.check_strict(user_model, passes.PipelineConfig(strict=True))
+    actors.check_strict(user_model, passes.PipelineConfig())  # not strict: nothing to check
 
 
 def test_a_rule_that_computes_no_norm_for_a_planned_tensor_is_a_clear_error(monkeypatch):

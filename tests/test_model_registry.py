@@ -39,7 +39,6 @@ class ToyModel(ConfiguredModel):
     model_type = "toy"
     config_class = ToyConfig
     presets = TOY_PRESETS
-    study_train_steps = 5
 
     def __init__(self, config: ToyConfig | None = None):
         super().__init__()

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_rel_close
 
 from fimood.engine import explain, grad_norms
-from fimood.models import DDPM, VAE, DDPMConfig, VAEConfig, load_model_with_hash, save_model
+from fimood.models import DDPM, VAE, DDPMConfig, VAEConfig, load_model, save_model
 from fimood.models.ddpm import import_diffusers
 from fimood.models.vae import discretized_logistic_log_prob
 
@@ -100,7 +100,8 @@ def test_a_folder_written_by_diffusers_save_pretrained_loads_and_scores(tmp_path
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, **_tiny_unet_blocks())
     pipeline = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
     pipeline.save_pretrained(tmp_path)  # diffusers' own writer, no fimood.json
-    model, sha256 = load_model_with_hash(str(tmp_path))
+    model = load_model(str(tmp_path))
+    sha256 = model.checkpoint_sha256
     assert isinstance(model, DDPM) and model.config == DDPMConfig() and model.image_shape == (1, 8, 8)
     x, seeds = torch.rand(3, 1, 8, 8), torch.arange(3)
     expected = DDPM(unet, pipeline.scheduler).nll(x, seeds)
@@ -110,7 +111,8 @@ def test_a_folder_written_by_diffusers_save_pretrained_loads_and_scores(tmp_path
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(
         (tmp_path / "scheduler" / "scheduler_config.json").read_text().replace('"beta_end": 0.02', '"beta_end": 0.03')
     )
-    changed, changed_sha256 = load_model_with_hash(str(tmp_path))
+    changed = load_model(str(tmp_path))
+    changed_sha256 = changed.checkpoint_sha256
     assert changed_sha256 != sha256  # a detector fitted on the first refuses the second
     assert not torch.equal(changed.betas, model.betas)
 
@@ -118,7 +120,8 @@ def test_a_folder_written_by_diffusers_save_pretrained_loads_and_scores(tmp_path
 def test_a_ddpm_checkpoint_round_trips_with_its_scoring_settings_over_any_fsspec_url():
     model = tiny_ddpm(DDPMConfig(timesteps=(0, 3), n_draws=2))
     sha256 = save_model(model, "memory://ckpt/ddpm")
-    loaded, loaded_sha256 = load_model_with_hash("memory://ckpt/ddpm")
+    loaded = load_model("memory://ckpt/ddpm")
+    loaded_sha256 = loaded.checkpoint_sha256
     assert loaded_sha256 == sha256 and loaded.config == model.config
     x, seeds = torch.rand(2, 1, 8, 8), torch.arange(2)
     torch.testing.assert_close(loaded.nll(x, seeds), model.float().nll(x, seeds))
@@ -127,7 +130,8 @@ def test_a_ddpm_checkpoint_round_trips_with_its_scoring_settings_over_any_fsspec
 def test_vae_checkpoint_round_trips(tmp_path):
     model = tiny_vae().float()
     sha256 = save_model(model, str(tmp_path))
-    loaded, loaded_sha256 = load_model_with_hash(str(tmp_path))
+    loaded = load_model(str(tmp_path))
+    loaded_sha256 = loaded.checkpoint_sha256
     assert loaded_sha256 == sha256 and isinstance(loaded, VAE)
     x, seeds = torch.rand(2, 1, 8, 8), torch.arange(2)
     torch.testing.assert_close(loaded.nll(x, seeds), model.nll(x, seeds))

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from fimood import passes
-from fimood.apps.datasets import load_source
 from fimood.cli import main
-from fimood.lake.history import read_history, write_history_rows
 from fimood.lake.tables import write_image_parquet
 from fimood.models import Glow, save_model, training_data_record
 from fimood.models.training import TrainConfig, train
+from fimood.monitor.history import read_history, write_history_rows
+from fimood.onboarding.datasets import load_source
 
 NIGHTS = [f"2026-11-0{day}" for day in range(1, 8)]
 SHIFTED = NIGHTS[4:]
@@ -99,6 +99,20 @@ def test_rerunning_a_night_replaces_its_history_row(monitored):
     assert table.num_rows == len(NIGHTS) and set(table.column("stream").to_pylist()) == {stream(monitored)}
     assert set(table.column("detector_id").to_pylist()) == {detector_id(monitored)}
     assert sum(before[row["partition"]] != row["monitored_at"] for row in rows) <= 1
+
+
+def test_a_report_that_cannot_be_written_leaves_the_verdicts_and_the_history(monitored, tmp_path, monkeypatch, capsys):
+    from fimood.monitor import runner
+
+    def broken(*args, **kwargs):
+        raise OSError("the report's disk is full")
+
+    monkeypatch.setattr(runner, "write_monitor_report", broken)
+    urls = {**monitored, "history": str(tmp_path / "history"), "report": str(tmp_path / "report")}
+    assert monitor(urls, f"--partitions=date={SHIFTED[1]}", "--alpha=0.01") == 3  # the shift, not "could not run"
+    assert "report: NOT WRITTEN: OSError: the report's disk is full" in capsys.readouterr().out
+    table = pads.dataset(urls["history"], format="parquet", partitioning="hive").to_table()
+    assert table.column("verdict").to_pylist() == ["shift"]
 
 
 def test_history_writers_for_different_nights_keep_each_others_rows(tmp_path):

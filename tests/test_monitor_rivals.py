@@ -8,8 +8,8 @@ import pytest
 import scipy.stats
 import torch
 
-from fimood.apps.datasets import load_source
-from fimood.apps.monitor_rivals import (
+from fimood.onboarding.datasets import load_source
+from fimood.research.monitor_rivals import (
     BBSD,
     MMDDrift,
     PixelPCAHotelling,

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fimood.apps import monitor_study, study
-from fimood.apps.datasets import load_source
-from fimood.apps.monitor_study import (
+from fimood.method.reduce import FitReduce
+from fimood.method.splits import training_rows
+from fimood.models import load_model
+from fimood.onboarding.datasets import load_source
+from fimood.research import monitor_study, study
+from fimood.research.monitor_study import (
     METHODS,
     MonitorStudyConfig,
     fresh_rows,
@@ -17,9 +20,6 @@ from fimood.apps.monitor_study import (
     threshold_rows,
     write_monitor_study,
 )
-from fimood.method.reduce import FitReduce
-from fimood.method.splits import training_rows
-from fimood.models import load_model
 
 
 def test_the_models_train_on_at_most_45000_rows_and_leave_at_least_15000_fresh():

@@ -1,6 +1,7 @@
 """The quickstart notebook runs top to bottom in a real kernel (small), and its saved outputs tell the story."""
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -18,6 +19,17 @@ def test_the_saved_notebook_has_its_outputs_and_plots():
     images = [output for cell in cells for output in cell["outputs"] if "image/png" in output.get("data", {})]
     assert len(images) >= 3  # the likelihood histograms, the per-layer features, the ROC curves
     assert not any(output.get("output_type") == "error" for cell in cells for output in cell["outputs"])
+
+
+def test_the_notebook_uses_only_the_public_api():
+    """`import fimood` and its top-level names: nothing from the package's inner modules."""
+    code = "".join("".join(cell["source"]) for cell in json.loads(NOTEBOOK.read_text())["cells"])
+    inner = re.findall(r"^\s*(?:from fimood[.\w]* import .*|import fimood\.\S+)", code, flags=re.MULTILINE)
+    assert "import fimood" in code and not inner, inner
+    import fimood
+
+    used = set(re.findall(r"\bfimood\.(\w+)", code))
+    assert used <= set(fimood.__all__), used - set(fimood.__all__)
 
 
 @pytest.mark.slow

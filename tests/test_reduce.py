@@ -55,7 +55,7 @@ def test_calibration_sample_is_bounded_to_the_smallest_hashes_and_the_rest_join_
 
 def test_streaming_memory_stays_within_its_bound_whatever_the_rows():
     """The reduce's peak (tracemalloc) is under `memory_bound_bytes` and does not grow with the rows streamed."""
-    from fimood.apps.benchmark import run_reduce_benchmark
+    from fimood.research.benchmark import run_reduce_benchmark
 
     runs = [run_reduce_benchmark(rows, 40, 2000, 0.5, 512) for rows in (20_000, 80_000)]
     for run in runs:

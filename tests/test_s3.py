@@ -10,11 +10,11 @@ from conftest import DAYS
 from moto.server import ThreadedMotoServer
 
 from fimood import passes
-from fimood.apps.datasets import load_source
 from fimood.lake.tables import write_image_parquet
 from fimood.method.detector import DetectorArtifact
-from fimood.method.features import compute_features, seeds_from_ids
+from fimood.method.features import compute_features
 from fimood.models import load_model, save_model
+from fimood.onboarding.datasets import load_source
 
 SECRET = "secret-that-must-never-be-written-4711"
 
@@ -61,7 +61,7 @@ def test_fit_and_score_on_s3(s3, lake, tmp_path):
     assert sorted(fs.ls("lake/scores")) == [f"lake/scores/date={day}" for day in DAYS]
     assert all(fs.exists(f"lake/scores/date={day}/_SUCCESS") for day in DAYS)
     order = np.argsort(mnist.ids)
-    features = compute_features(load_model(lake["model"]), mnist.images[order], seeds_from_ids(mnist.ids)[order])
+    features = compute_features(load_model(lake["model"]), mnist.images[order], [mnist.ids[i] for i in order])
     expected = DetectorArtifact.load("s3://lake/detector", s3).by_group[1].ood_score(features.log_sq_norms)
     np.testing.assert_allclose(table.column("ood_score").to_numpy(), expected, rtol=1e-6)
     assert (
@@ -76,9 +76,8 @@ def test_monitor_on_s3_and_no_credential_anywhere(s3, lake, tmp_path):
 
     import ray
 
-    from fimood.apps.monitor import MonitorConfig, run_monitor
-    from fimood.apps.monitor_report import write_monitor_report
-    from fimood.lake.history import read_history
+    from fimood.monitor import MonitorConfig, run_monitor
+    from fimood.monitor.history import read_history
 
     fs = s3fs.S3FileSystem(**s3)
     if not fs.exists("lake/detector/manifest.json"):
@@ -92,7 +91,6 @@ def test_monitor_on_s3_and_no_credential_anywhere(s3, lake, tmp_path):
         pipeline=passes.PipelineConfig(batch_size=32, storage_options=s3),
     )
     result = run_monitor(config)
-    write_monitor_report(result, config.report, s3)
     assert [v.partition for v in result.verdicts] == [f"date={day}" for day in DAYS]
     assert [row["partition"] for row in read_history(config.history, result.stream, s3)] == [
         f"date={day}" for day in DAYS

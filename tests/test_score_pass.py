@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fimood import passes
-from fimood.apps.datasets import load_source
 from fimood.lake.commit import HEARTBEAT, JOURNAL, MARKER, STAGING, Marker, OutputFolder, Staging, read_committed
 from fimood.lake.images import encode_png
 from fimood.lake.sources import list_partitions
 from fimood.method.detector import DetectorArtifact
+from fimood.onboarding.datasets import load_source
 from fimood.passes import score_pass
 
 MNIST = load_source("mnist", limit=400)

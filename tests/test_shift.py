@@ -178,8 +178,19 @@ def test_the_lifetime_budget_counts_nights_not_partitions():
 
 
 def test_the_nightly_budget_corrects_across_the_nights_partitions():
-    assert NightlyBudget(0.05, "bonferroni").significant([0.03, 0.04]) == [False, False]
-    assert NightlyBudget(0.05, "bh").significant([0.03, 0.04]) == [True, True]
+    tonight = [Evidence("a", 0.03), Evidence("b", 0.04)]
+    assert NightlyBudget(0.05, "bonferroni").decide([], tonight).shifted == set()
+    decision = NightlyBudget(0.05, "bh").decide([[Evidence("a", 1e-9)]], tonight)  # earlier nights do not count
+    assert decision.shifted == {"a", "b"} and decision.statistics == {"a": 0.04, "b": 0.04}
+    assert NightlyBudget(0.05).decide([], [Evidence("a", 1e-9, large=False)]).shifted == set()  # too small to flag
+
+
+def test_the_lifetime_budget_decides_tonight_after_the_streams_earlier_nights():
+    budget = LifetimeBudget(nights=100)
+    quiet = [[Evidence(f"n{night}", 0.5)] for night in range(5)]
+    path, flagged = budget.night_statistics([*quiet, [Evidence("tonight", 1e-6)]])
+    decision = budget.decide(quiet, [Evidence("tonight", 1e-6)])
+    assert decision.statistics == {"tonight": path[-1]} and decision.shifted == {e.partition for e in flagged[-1]}
     with pytest.raises(ValueError, match="correction"):
         NightlyBudget(0.05, "sidak")
 
@@ -227,7 +238,7 @@ def deployment(rng, references=100, nights=150, night_rows=1000, fit_rows=600, c
         )
         reference = Reference.of(detector, names)
         rows = correlated_rows(rng, nights * night_rows, layers=layers)
-        scores, z = detector.ood_score(rows), detector.rule_.z_scores(rows)
+        scores, z = detector.ood_score(rows), detector.z_scores(rows)
         for night in range(nights):
             part = slice(night * night_rows, (night + 1) * night_rows)
             summary = PartitionSummary.from_rows(
@@ -293,7 +304,7 @@ def test_a_change_of_the_layers_spread_or_correlation_with_the_means_kept_is_cau
     detector = GradNormDetector().fit(correlated_rows(rng, 4000), correlated_rows(rng, 1000))
     night = correlated_rows(rng, 2000) * 1.3 if change == "spread" else correlated_rows(rng, 2000, shared=0.0)
     summary = PartitionSummary.from_rows(
-        detector.calibration_scores_, detector.ood_score(night), detector.rule_.z_scores(night), [None] * 2000
+        detector.calibration_scores_, detector.ood_score(night), detector.z_scores(night), [None] * 2000
     )
     tests = shift_tests(summary, Reference.of(detector, LAYERS))
     assert tests.layers_p > 0.01 and tests.rank_p < 1e-6 and tests.large(0.01, 0.1)

@@ -174,7 +174,7 @@ def _versions(table: pa.Table) -> set[int]:
 def test_a_storage_outage_inside_a_ray_task_reaches_the_caller_as_one_line(ray_session):
     import ray
 
-    from fimood.passes.rows import storage_errors_in_one_line
+    from fimood.passes.runtime import storage_errors_in_one_line
 
     def write_row(row):
         raise StorageUnavailable("pipe_file faults/x: the storage did not answer for 2 s")
@@ -189,8 +189,8 @@ def test_a_score_pass_rides_out_an_outage_while_it_writes(store, lake):
     driver committing, whichever is under way): every call waits it out, and the run ends with rows in
     = rows out, every partition committed."""
     from fimood import passes
-    from fimood.apps.datasets import load_source
     from fimood.lake.tables import write_image_parquet
+    from fimood.onboarding.datasets import load_source
 
     mnist = load_source("mnist", limit=120)
     for day, rows in (("date=1", slice(0, 60)), ("date=2", slice(60, 120))):

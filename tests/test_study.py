@@ -8,16 +8,16 @@ from itertools import product
 import numpy as np
 import pytest
 
-from fimood.apps import study
-from fimood.apps.study import StudyConfig, StudyRow, made_up_sets, run_study
-from fimood.apps.study_report import PrincipalAxes, chosen_rule, write_report
 from fimood.engine import trainable_parameters
 from fimood.lake.tables import read_image_parquet
 from fimood.method.detector import DetectorSettings
-from fimood.method.features import compute_features, seeds_from_ids
+from fimood.method.features import compute_features
 from fimood.method.reduce import FitReduce
 from fimood.method.scoring import DEFAULT_RULE, SCORING_RULES
 from fimood.method.splits import calibration_rows
+from fimood.research import study
+from fimood.research.study import StudyConfig, StudyRow, made_up_sets, run_study
+from fimood.research.study_report import PrincipalAxes, chosen_rule, write_report
 
 
 def test_made_up_ood_sets_are_transformations_of_the_in_distribution_rows():
@@ -97,7 +97,7 @@ def test_the_studys_per_row_detectors_are_the_ones_fimood_fit_builds(tmp_path, m
     fit = read_image_parquet(urls["fashion-mnist-fit"], model.image_shape)
     detectors, _, _ = study.fit_detectors("vae", model, fit, 1, config)
     reduce = FitReduce(len(trainable_parameters(model)), DetectorSettings().calibration_fraction)
-    features = compute_features(model, fit.images, seeds_from_ids(fit.ids))
+    features = compute_features(model, fit.images, fit.ids)
     order = np.random.default_rng(0).permutation(len(fit.ids))  # a pipeline streams rows in any order
     for batch in np.array_split(order, 7):
         reduce.add([fit.ids[i] for i in batch], features.log_sq_norms[batch], features.nll[batch])

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fimood.apps import benchmark
-from fimood.apps.datasets import load_source
 from fimood.models import Glow
 from fimood.models.training import TrainConfig, train
+from fimood.onboarding.datasets import load_source
+from fimood.research import benchmark
 
 
 def test_training_lowers_bits_per_dim():

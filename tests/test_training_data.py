@@ -11,9 +11,6 @@ import torch
 from conftest import small_detector
 
 from fimood import passes
-from fimood.apps import training
-from fimood.apps.datasets import load_source
-from fimood.apps.training import train_checkpoint
 from fimood.cli import main
 from fimood.lake.tables import write_image_parquet
 from fimood.method.detector import DetectorArtifact, training_rows_in_fit
@@ -22,6 +19,9 @@ from fimood.method.splits import calibration_rows, training_hash, training_rows
 from fimood.models import MODELS, build_model, load_model, save_model, training_data_record
 from fimood.models.base import TRAINING_DATA_NAME
 from fimood.models.training import TrainConfig
+from fimood.onboarding import training
+from fimood.onboarding.datasets import load_source
+from fimood.onboarding.training import train_checkpoint
 
 RANGE = (0.0, 0.75)
 

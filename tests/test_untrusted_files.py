@@ -10,9 +10,9 @@ import torch
 from conftest import small_detector, tiny_glow
 
 from fimood.lake.commit import JOURNAL, MARKER, read_committed
-from fimood.lake.history import read_history
 from fimood.method.detector import DetectorArtifact
 from fimood.models import DDPM, load_model, save_model
+from fimood.monitor.history import read_history
 
 
 class Payload:

@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from fimood.apps.benchmark import format_rows, machine_name, run_benchmark
     from fimood.models import MODELS
+    from fimood.research.benchmark import format_rows, machine_name, run_benchmark
 
     presets = args.presets or [p for p in ("small", "paper") if p in MODELS[args.model].presets]
     for preset in presets:

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fimood.apps.benchmark import machine_name, run_pipeline_benchmark
+    from fimood.research.benchmark import machine_name, run_pipeline_benchmark
 
     with tempfile.TemporaryDirectory() as workdir:
         rows = run_pipeline_benchmark(

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import platform
 
-    from fimood.apps.benchmark import run_reduce_benchmark
+    from fimood.research.benchmark import run_reduce_benchmark
 
     result = run_reduce_benchmark(
         args.rows, args.features, args.max_calibration_rows, args.calibration_fraction, args.batch_size

@@ -8,7 +8,7 @@ HELP = "write a bundled demo data set as Parquet shards (id, image PNG, label)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fimood.apps.datasets import SOURCES
+    from fimood.onboarding.datasets import SOURCES
 
     parser.add_argument("source", choices=SOURCES)
     parser.add_argument("--out", required=True, help="output folder URL")
@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fimood.apps.datasets import load_source
     from fimood.lake.tables import write_image_parquet
+    from fimood.onboarding.datasets import load_source
 
     source = load_source(args.source, args.split, args.limit)
     shards = write_image_parquet(

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fimood.apps.demo import DemoConfig, run_demo
+    from fimood.onboarding.demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig(out=args.out, preset=args.preset, train_steps=args.train_steps, engine=args.engine))
     print(result.report())

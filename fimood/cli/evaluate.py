@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fimood.apps.evaluate import evaluate, format_table, write_json
+    from fimood.evaluation import evaluate, format_table, write_json
 
     rows = evaluate(
         args.detector,

@@ -35,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from fimood.method.detector import DetectorSettings
 
     settings = DetectorSettings(
-        engine=args.engine,
         rule=args.rule,
-        batch_size=args.batch_size,
         false_positive_rate=args.fpr,
         calibration_fraction=args.calibration_fraction,
     )
@@ -46,11 +44,6 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, config, settings, max_calibration_rows=args.max_calibration_rows
     )
     detector_id = detector.save(args.out, args.storage_options)
-    per_row = detector.by_group[1]
     print(f"fit: {summary}")
-    print(
-        f"detector {detector_id}: {per_row.stats_.count} fit rows, {len(per_row.calibration_scores_)} calibration "
-        f"rows, {int(per_row.rule_.kept_features_.sum())}/{len(detector.feature_names)} features kept, "
-        f"threshold {per_row.threshold_:.2f}; saved to {args.out}"
-    )
+    print(f"detector {detector_id}: {detector.describe()}; saved to {args.out}")
     return 0

@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fimood.apps.monitor import EXIT_COULD_NOT_RUN, MonitorConfig, run_monitor
     from fimood.method.shift import LifetimeBudget, NightlyBudget
+    from fimood.monitor import EXIT_COULD_NOT_RUN, MonitorConfig, run_monitor
 
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("the monitor's report draws with matplotlib: pip install 'fimood[plot]'")
@@ -107,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, PermissionError, StorageUnavailable) as error:
         print(f"fimood monitor: could not run: {error}", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
-    from fimood.apps.monitor_report import write_monitor_report
-
-    page, _ = write_monitor_report(result, args.report, args.storage_options)
-    print(f"{result}\nreport: {page}")
+    report = result.report_page or f"NOT WRITTEN: {result.report_error}"
+    print(f"{result}\nreport: {report}")
     return result.exit_code

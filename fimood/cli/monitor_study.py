@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fimood.apps.monitor_study import MonitorStudyConfig, run_monitor_study, write_monitor_study
     from fimood.cli.options import UsageError
+    from fimood.research.monitor_study import MonitorStudyConfig, run_monitor_study, write_monitor_study
 
     if len(args.nights) != len(args.night_rows):
         raise UsageError(f"--nights needs one count per --night-rows size, got {args.nights} for {args.night_rows}")

@@ -96,23 +96,18 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
 
 
 def pipeline_config(args: argparse.Namespace):
-    """The PipelineConfig the pipeline options describe."""
+    """The PipelineConfig the pipeline options describe: one option per field (tests/test_cli.py checks the
+    defaults agree)."""
+    import dataclasses
+
     from fimood.passes import PipelineConfig
 
-    return PipelineConfig(
-        input_format=args.input_format,
-        image_column=args.image_column,
-        id_column=args.id_column,
-        batch_size=args.batch_size,
-        num_actors=args.num_actors,
-        cpus_per_actor=args.cpus_per_actor,
-        engine=args.engine,
-        address=args.address,
-        allowed_imports=tuple(args.allow_import),
-        max_error_fraction=args.max_error_fraction,
-        strict=args.strict,
-        storage_options=args.storage_options,
-    )
+    given = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(PipelineConfig)
+        if field.name != "allowed_imports"
+    }
+    return PipelineConfig(**given, allowed_imports=tuple(args.allow_import))
 
 
 def named_url(text: str) -> tuple[str, str]:

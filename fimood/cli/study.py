@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fimood.apps.study import StudyConfig, run_study
-    from fimood.apps.study_report import write_report
     from fimood.cli.options import check_preset
+    from fimood.research.study import StudyConfig, run_study
+    from fimood.research.study_report import write_report
 
     models = tuple(dict.fromkeys(args.models))
     for model in models:

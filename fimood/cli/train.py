@@ -32,10 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fimood.apps.training import train_checkpoint
     from fimood.lake.tables import read_parquet_table
     from fimood.method.splits import check_id_hash_range, training_rows
     from fimood.models.training import TrainConfig, steps_for_epochs
+    from fimood.onboarding.training import train_checkpoint
 
     check_preset(args.model, args.preset)
     id_hash_range = check_id_hash_range(args.id_hash_range)

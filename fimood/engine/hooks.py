@@ -314,7 +314,7 @@ def hooks_grad_norms(model: nn.Module, x: Tensor, seeds: Tensor | None = None, s
             handle.remove()
     missed = [name for name, reason in plan.reasons.items() if reason is None and name not in plan.sq_norms]
     if missed:  # a rule that should have run did not: never a silent zero or a KeyError
-        raise RuntimeError(f"the hooks engine planned a rule for {missed} but computed no norm; use --engine vmap")
+        raise RuntimeError(f"the hooks engine planned a rule for {missed} but computed no norm; use the 'vmap' engine")
     fallback = list(fallback)
     if fallback:
         logger.debug(

@@ -185,12 +185,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def committed_partitions(url: str, storage_options: StorageOptions = None) -> dict[str, Marker]:
-    """Every committed partition under an output URL: folder (relative, '' for the URL itself) → the marker
-    of the version readers get (`OutputFolder.current`)."""
-    return {name: marker for name, (_, marker) in _current_versions(url, storage_options).items()}
-
-
 def _current_versions(url: str, storage_options: StorageOptions) -> dict[str, tuple[OutputFolder, Marker]]:
     fs, root = filesystem(url, storage_options)
     fs, root = resilient(fs), root.rstrip("/")

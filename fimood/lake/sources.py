@@ -45,15 +45,6 @@ class Partition:
     folder: str
     shards: tuple[Shard, ...]
 
-    @property
-    def keys(self) -> tuple[tuple[str, str], ...]:
-        """The Hive-style (key, value) pairs among the folder's names."""
-        return tuple(tuple(part.split("=", 1)) for part in self.folder.split("/") if "=" in part)
-
-    @property
-    def name(self) -> str:
-        return self.folder or "."
-
 
 def check_format(input_format: str) -> str:
     if input_format not in FORMATS:

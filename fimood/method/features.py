@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fimood.engine import grad_norms, trainable_parameters
+from fimood.engine import METHODS, grad_norms, trainable_parameters
 from fimood.method.statistics import LOG_SQ_NORM_FLOOR
 from fimood.models.base import LikelihoodModel, pixels
 from fimood.models.grouped import GroupSum
@@ -33,6 +33,23 @@ def log_sq_norms(sq_norms: np.ndarray) -> np.ndarray:
         return np.maximum(np.log(np.asarray(sq_norms, dtype=np.float64)), LOG_SQ_NORM_FLOOR)
 
 
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How features are computed: the gradient engine (`fimood.engine.METHODS`) and rows per gradient batch.
+
+    A detector's manifest records the ones its fit rows' features had; `fimood evaluate` computes with them.
+    """
+
+    engine: str = "auto"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.engine not in METHODS:
+            raise ValueError(f"engine must be one of {METHODS}, got {self.engine!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
 @dataclass
 class Features:
     """Features of n rows (or n groups of rows)."""
@@ -44,23 +61,30 @@ class Features:
 def compute_features(
     model: LikelihoodModel,
     images: np.ndarray,
-    seeds: np.ndarray,
+    ids: Sequence[str],
     *,
     group_size: int = 1,
     engine: str = "auto",
     batch_size: int = 64,
     progress: bool | str = False,
 ) -> Features:
-    """Features of uint8 images (N, C, H, W), one row per image, or per group of `group_size` images.
+    """Features of uint8 images (N, C, H, W) with their row ids, one row per image, or per group of `group_size`.
 
+    Each row's noise is seeded by its id (`seeds_from_ids`), so its features never depend on the batch.
     Groups are consecutive rows (the paper's batch-size-M variant: features of the summed loss of M
     rows); trailing rows that do not fill a group are left out, and the count is logged.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
+    if len(ids) != len(images) or not all(isinstance(i, str) for i in ids):
+        raise ValueError(
+            f"ids must be one string per image (each row's noise is seeded by its id), got {len(ids)} "
+            f"{type(next(iter(ids), '')).__name__} ids for {len(images)} images"
+        )
     n_groups = len(images) // group_size
     if n_groups * group_size < len(images):
         logger.info("left out %d trailing rows that do not fill a group of %d", len(images) % group_size, group_size)
+    seeds = seeds_from_ids(ids)
     parameter = next(model.parameters())
     scored = model if group_size == 1 else GroupSum(model)
     rows_per_batch = max(1, batch_size // group_size)
@@ -104,14 +128,13 @@ def featurize_rows(
     log_norms = np.full((len(ids), n_features), np.nan)
     nll = np.full(len(ids), np.nan)
     ok = np.array([error is None for error in errors], dtype=bool)
-    seeds = seeds_from_ids(ids)
     try:
-        _fill(model, images, seeds, np.flatnonzero(ok), engine, log_norms, nll)
+        _fill(model, images, ids, np.flatnonzero(ok), engine, log_norms, nll)
     except Exception:  # one bad row must not sink the batch: find it by scoring rows one at a time
         logger.warning("a batch of %d rows failed; scoring its rows one at a time", ok.sum(), exc_info=True)
         for row in np.flatnonzero(ok):
             try:
-                _fill(model, images, seeds, np.array([row]), engine, log_norms, nll)
+                _fill(model, images, ids, np.array([row]), engine, log_norms, nll)
             except Exception as error:
                 errors[row] = f"scoring failed: {type(error).__name__}: {error}"
     for row in np.flatnonzero(ok):
@@ -125,7 +148,7 @@ def featurize_rows(
 def _fill(
     model: LikelihoodModel,
     images: np.ndarray,
-    seeds: np.ndarray,
+    ids: list[str],
     rows: np.ndarray,
     engine: str,
     log_norms: np.ndarray,
@@ -133,5 +156,5 @@ def _fill(
 ) -> None:
     if len(rows) == 0:
         return
-    features = compute_features(model, images[rows], seeds[rows], engine=engine, batch_size=len(rows))
+    features = compute_features(model, images[rows], [ids[i] for i in rows], engine=engine, batch_size=len(rows))
     log_norms[rows], nll[rows] = features.log_sq_norms, features.nll

@@ -9,10 +9,12 @@ O(features² + features × max_calibration_rows), measured by `fimood benchmark-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from fimood.method.baselines import TypicalityTest
-from fimood.method.detector import GradNormDetector
+from fimood.method.detector import DetectorSettings, GradNormDetector
 from fimood.method.scoring import DEFAULT_RULE
 from fimood.method.splits import split_hash, training_rows
 from fimood.method.statistics import FeatureStats
@@ -109,3 +111,19 @@ class FitReduce:
             self.stats, calibration
         )
         return detector, TypicalityTest.from_entropy(self.nll_sum / self.nll_count)
+
+
+def fit_rows(
+    ids: list[str],
+    log_sq_norms: np.ndarray,
+    nll: np.ndarray,
+    settings: DetectorSettings,
+    rules: Sequence[str] = (),
+) -> tuple[dict[str, GradNormDetector], TypicalityTest, int]:
+    """What `fimood fit` fits on these rows (its split, its reduce), in one process: a detector per rule
+    (default: the settings' rule), the Typicality baseline, and how many rows the statistics hold."""
+    reduce = FitReduce(log_sq_norms.shape[1], settings.calibration_fraction)
+    reduce.add(ids, log_sq_norms, nll)
+    fitted = {rule: reduce.finish(settings.false_positive_rate, rule) for rule in rules or (settings.rule,)}
+    typicality = next(iter(fitted.values()))[1]
+    return {rule: detector for rule, (detector, _) in fitted.items()}, typicality, reduce.stats.count

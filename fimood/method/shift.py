@@ -36,6 +36,8 @@ TESTS = ("rate", "rank", "layers")
 EIGENVALUE_FLOOR = 1e-10  # relative: directions of the layers' correlation with less spread carry no test
 MAX_SINGULAR_GAP = 0.9  # the layers tested at most: √(k/ν) + t below this, so R̂'s error stays bounded
 DEFAULT_REFERENCE_RISK = 0.05  # δ: the tests hold for all but this share of references
+DEFAULT_MIN_EXCESS = 0.01  # a shift moves at least 1% of a partition's rows away from the reference...
+DEFAULT_MIN_MEAN_SHIFT = 0.1  # ...or the layers' mean by a tenth of an in-distribution standard deviation
 
 
 @dataclass
@@ -343,8 +345,8 @@ class ShiftTests:
     top_layers: list[str] = field(default_factory=list)  # layers that moved (Holm ≤ 0.05), largest first
 
     def large(self, min_excess: float, min_mean_shift: float) -> bool:
-        """The effect is worth an alarm: enough rows beyond the reference, or the layers' mean moved enough."""
-        return self.excess >= min_excess or self.mean_shift >= min_mean_shift
+        """The effect is worth an alarm (`large_effect`)."""
+        return large_effect(self.excess, self.mean_shift, min_excess, min_mean_shift)
 
     @property
     def p_value(self) -> float:
@@ -352,6 +354,11 @@ class ShiftTests:
         if len(self.layer_p) == 0:
             return min(1.0, 2 * min(self.rate_p, self.rank_p))
         return min(1.0, len(TESTS) * min(self.rate_p, self.rank_p, self.layers_p))
+
+
+def large_effect(excess: float, mean_shift: float, min_excess: float, min_mean_shift: float) -> bool:
+    """An effect worth an alarm: enough rows beyond the reference, or the layers' mean moved enough."""
+    return excess >= min_excess or mean_shift >= min_mean_shift
 
 
 def shift_tests(summary: PartitionSummary, reference: Reference, top: int = 5) -> ShiftTests:
@@ -515,8 +522,14 @@ class NightlyBudget:
         """The night's p-values corrected across its partitions; significant where at most `alpha`."""
         return [float(p) for p in CORRECTIONS[self.correction](np.array(p_values, dtype=np.float64))]
 
-    def significant(self, p_values: list[float]) -> list[bool]:
-        return [p <= self.alpha for p in self.adjusted(p_values)]
+    def decide(self, earlier: list[list[Evidence]], tonight: list[Evidence]) -> Decision:
+        """Tonight's partitions flagged where their adjusted p-value is at most `alpha` and the effect is large;
+        earlier nights do not count. Each partition's statistic is its adjusted p-value."""
+        adjusted = self.adjusted([evidence.p_value for evidence in tonight])
+        return Decision(
+            {e.partition: p for e, p in zip(tonight, adjusted, strict=True)},
+            {e.partition for e, p in zip(tonight, adjusted, strict=True) if p <= self.alpha and e.large},
+        )
 
     @property
     def level(self) -> float:
@@ -534,6 +547,14 @@ class Evidence:
     partition: str
     p_value: float
     large: bool = True
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A budget's verdict on tonight's partitions: each one's statistic, and those flagged as shifted."""
+
+    statistics: dict[str, float]
+    shifted: set[str]
 
 
 @dataclass(frozen=True)
@@ -581,6 +602,12 @@ class LifetimeBudget:
             flagged.append([e for e in large if e is strongest or e.p_value <= level])
             statistic = 0.0
         return path, flagged
+
+    def decide(self, earlier: list[list[Evidence]], tonight: list[Evidence]) -> Decision:
+        """Tonight as the stream's last night after `earlier` (in the order they were monitored); every
+        partition's statistic is R after tonight."""
+        path, flagged = self.night_statistics([*earlier, tonight])
+        return Decision({e.partition: path[-1] for e in tonight}, {e.partition for e in flagged[-1]})
 
     @functools.cached_property
     def level(self) -> float:

@@ -3,7 +3,7 @@ adapter, and checkpoints. Importing this package registers the built-in models."
 
 from fimood.models.adapter import ModelAdapter
 from fimood.models.base import LikelihoodModel, Preset, training_data_record
-from fimood.models.checkpoint import load_model, load_model_with_hash, save_model
+from fimood.models.checkpoint import load_model, save_model
 from fimood.models.ddpm import DDPM, DDPMConfig
 from fimood.models.glow import Glow, GlowConfig
 from fimood.models.grouped import GroupSum
@@ -24,7 +24,6 @@ __all__ = [
     "VAEConfig",
     "build_model",
     "load_model",
-    "load_model_with_hash",
     "model_class",
     "register_model",
     "save_model",

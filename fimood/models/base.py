@@ -13,7 +13,6 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from fimood.models.registry import MODELS
 from fimood.storage import (
     StorageOptions,
     absolute_url,
@@ -56,8 +55,8 @@ class LikelihoodModel(nn.Module, ABC):
     model_type: ClassVar[str] = ""
     nll_unit: ClassVar[str] = "nats"  # what `nll` measures, for reports
     presets: ClassVar[dict[str, Preset]] = {}
-    study_train_steps: ClassVar[int] = 1500  # how long `fimood study` trains it on FashionMNIST
     checkpoint_marker: ClassVar[str] = CONFIG_NAME  # the file a checkpoint writes last: it marks a whole one
+    _registered_as: ClassVar[str | None] = None  # set by `@register_model` on the class it registers
     image_shape: tuple[int, int, int]  # (C, H, W) of the images `nll` takes
     checkpoint_sha256: str | None = None  # content hash of the checkpoint it was saved to or loaded from
     training_data: dict[str, Any] | None = None  # `training_data_record` of what it was trained on, if known
@@ -109,7 +108,7 @@ class LikelihoodModel(nn.Module, ABC):
         Returns the checkpoint's content hash (which covers the training record).
         """
         cls = type(self)
-        model_type = cls.model_type if MODELS.get(cls.model_type) is cls else f"{cls.__module__}:{cls.__qualname__}"
+        model_type = cls.model_type if _is_registered(cls) else f"{cls.__module__}:{cls.__qualname__}"
         config = {"format_version": FORMAT_VERSION, "model_type": model_type, "config": self.config_dict()}
         config_bytes = json.dumps(config, indent=2, sort_keys=True).encode()
         state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in self.state_dict().items()}
@@ -149,6 +148,12 @@ class LikelihoodModel(nn.Module, ABC):
             model.training_data = parse_training_data(hashed[-1], training_url)
         model.checkpoint_sha256 = sha256_hex(*hashed)
         return model.eval()
+
+
+def _is_registered(cls: type[LikelihoodModel]) -> bool:
+    """Whether `@register_model` registered this very class under its `model_type` (a subclass of a
+    registered class inherits no stamp: it is read from the class's own `__dict__`)."""
+    return cls.__dict__.get("_registered_as") == cls.model_type
 
 
 def training_data_record(data_url: str, id_hash_range: tuple[float, float], ids: Sequence[str]) -> dict[str, Any]:

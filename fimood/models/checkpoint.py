@@ -65,14 +65,6 @@ def load_model(
         ) from error
 
 
-def load_model_with_hash(
-    url: str, storage_options: StorageOptions = None, *, allowed_imports: Sequence[str] = ()
-) -> tuple[LikelihoodModel, str]:
-    """`load_model`, and the checkpoint's content hash (recorded by detectors)."""
-    model = load_model(url, storage_options, allowed_imports=allowed_imports)
-    return model, model.checkpoint_sha256
-
-
 def resolve_model_type(model_type: str, allowed_imports: Sequence[str] = ()) -> type[LikelihoodModel]:
     """The class for a registered name, or for `package.module:Class` when `package` is allow-listed."""
     if model_type in MODELS:

@@ -93,7 +93,6 @@ class DDPM(LikelihoodModel):
     model_type = "ddpm"
     nll_unit = "weighted noise error"
     presets = PRESETS
-    study_train_steps = 1200  # ~6 min on 2 CPU cores
     checkpoint_marker = "model_index.json"  # a diffusers pipeline folder; written last
 
     def __init__(self, unet: Any, scheduler: Any, config: DDPMConfig | None = None):

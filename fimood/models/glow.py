@@ -210,7 +210,6 @@ class Glow(ConfiguredModel):
 
     model_type = "glow"
     presets = PRESETS
-    study_train_steps = 3750  # 4 epochs at batch 64, ~12 min on 2 CPU cores
     config_class = GlowConfig
     nll_unit = "bits/dim"
 

@@ -12,13 +12,17 @@ MODELS: dict[str, type[LikelihoodModel]] = {}
 
 
 def register_model(cls: type[LikelihoodModel]) -> type[LikelihoodModel]:
-    """Class decorator: register a model under its `model_type`."""
+    """Class decorator: register a model under its `model_type`, and stamp the class with that name.
+
+    The stamp (`_registered_as`) is what `save_pretrained` reads to write the short name; the model
+    contract never reads this registry."""
     name = cls.model_type
     if not name or ":" in name:
         raise ValueError(f"{cls.__name__}.model_type must be a short name without ':', got {name!r}")
     if MODELS.get(name, cls) is not cls:
         raise ValueError(f"model type {name!r} is already registered to {MODELS[name].__qualname__}")
     MODELS[name] = cls
+    cls._registered_as = name  # the stamp a checkpoint reads (in this class's own __dict__, never a subclass's)
     return cls
 
 

@@ -69,7 +69,6 @@ class VAE(ConfiguredModel):
 
     model_type = "vae"
     presets = PRESETS
-    study_train_steps = 1500  # ~2 min on 2 CPU cores
     config_class = VAEConfig
     nll_unit = "bits/dim (-ELBO)"
 

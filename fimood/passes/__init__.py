@@ -4,8 +4,9 @@ The only package that imports `ray`. `fit` and `score` are the entry points; `Pi
 how rows are read and how the actor pool runs.
 """
 
+from fimood.passes.config import PipelineConfig
 from fimood.passes.fit_pass import FitSummary, fit
-from fimood.passes.rows import PipelineConfig, quiet_ray, start_ray
+from fimood.passes.runtime import quiet_ray, start_ray
 from fimood.passes.score_pass import PartitionResult, ScoreSummary, ScoringFailed, score
 
 __all__ = [

@@ -15,16 +15,11 @@ from fimood.lake.sources import list_partitions, plan_reads
 from fimood.method.detector import DetectorArtifact, DetectorSettings
 from fimood.method.reduce import FitReduce
 from fimood.models import load_model
-from fimood.passes.rows import (
-    PipelineConfig,
-    check_strict,
-    count_errors,
-    feature_rows,
-    matrix,
-    rate,
-    start_ray,
-    storage_errors_in_one_line,
-)
+from fimood.passes.actors import check_strict, feature_rows
+from fimood.passes.config import PipelineConfig
+from fimood.passes.reading import matrix
+from fimood.passes.runtime import start_ray, storage_errors_in_one_line
+from fimood.progress import count_errors, rate
 from fimood.storage import absolute_url, overlaps
 
 logger = logging.getLogger(__name__)
@@ -61,7 +56,7 @@ def fit(
             could not be scored: a fit where most rows fail is a bug (wrong column, wrong model), not data.
     """
     start = time.perf_counter()
-    settings = settings or DetectorSettings(engine=config.engine, batch_size=config.batch_size)
+    settings = settings or DetectorSettings()
     model = load_model(model_url, config.storage_options, allowed_imports=config.allowed_imports)
     check_strict(model, config)
     names = [name for name, _ in trainable_parameters(model)]
@@ -121,5 +116,6 @@ def fit(
             "training_rows_in_fit": training_rows_in_fit,
             "training_data": training,
         },
+        feature_settings=config.feature_settings,
     )
     return detector, summary

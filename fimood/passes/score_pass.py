@@ -15,21 +15,15 @@ from fsspec import AbstractFileSystem
 from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
+from fimood.lake import schema
 from fimood.lake.commit import Marker, OutputFolder, Staging
 from fimood.lake.sources import Partition, list_partitions, plan_reads
 from fimood.lake.tables import parquet_bytes
-from fimood.method.detector import load_detector_and_model
-from fimood.passes.rows import (
-    IO_TASKS_PER_ACTOR,
-    PipelineConfig,
-    ScoreActor,
-    check_strict,
-    count_errors,
-    feature_rows,
-    rate,
-    start_ray,
-    storage_errors_in_one_line,
-)
+from fimood.method.detector import load_detector
+from fimood.passes.actors import IO_TASKS_PER_ACTOR, ScoreActor, check_strict, feature_rows
+from fimood.passes.config import PipelineConfig
+from fimood.passes.runtime import start_ray, storage_errors_in_one_line
+from fimood.progress import count_errors, rate
 from fimood.storage import filesystem, join, overlaps, write_file
 
 MIN_ROWS_PER_OUTPUT_FILE = 65_536  # the writer gathers rows up to this many per file, so partitions are not confetti
@@ -149,7 +143,7 @@ def score(
     start = time.perf_counter()
     if overlaps(data_url, out_url, config.storage_options):
         raise ValueError(f"the output {out_url} overlaps the input {data_url}; score into a folder outside it")
-    detector, model = load_detector_and_model(detector_url, config.storage_options, config.allowed_imports)
+    detector, model = load_detector(detector_url, config.storage_options, config.allowed_imports)
     check_strict(model, config)
     listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
     fs, out_root = filesystem(out_url, config.storage_options)
@@ -281,10 +275,10 @@ def _count(fs, paths: list[str]) -> tuple[int, dict[str, int], int]:
     rows, reasons, id_chunks = 0, Counter(), []
     for path in paths:
         with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=["id", "error"])
-        error = table.column("error")
+            table = pq.read_table(handle, columns=[schema.ID, schema.ERROR])
+        error = table.column(schema.ERROR)
         rows += len(error)
-        id_chunks += table.column("id").chunks
+        id_chunks += table.column(schema.ID).chunks
         counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
         reasons.update({item["values"].as_py(): item["counts"].as_py() for item in counts})
     distinct = pc.count_distinct(pa.chunked_array(id_chunks, pa.string())).as_py()

@@ -16,15 +16,16 @@ import pyarrow.compute as pc
 import pyarrow.fs
 import ray
 
+from fimood.lake import schema
 from fimood.lake.commit import OutputFolder
 from fimood.lake.images import decode_cells, shape_of
 from fimood.lake.sources import Partition, ReadSpec, plan_reads, read_unit
 from fimood.method.shift import PartitionSummary
-from fimood.passes.rows import storage_errors_in_one_line
+from fimood.passes.runtime import storage_errors_in_one_line
 from fimood.storage import StorageOptions, filesystem, join
 
 TOP_ROWS = 8  # most OOD rows kept per partition, shown as thumbnails when it shifts
-COLUMNS = ["id", "ood_score", "error", "z_scores"]
+COLUMNS = [schema.ID, schema.OOD_SCORE, schema.ERROR, schema.Z_SCORES]
 
 
 @dataclass
@@ -79,12 +80,12 @@ def _partial_summaries(
     paths = np.array(batch.column("path").to_pylist(), dtype=object)
     for path in np.unique(paths):
         part = batch.filter(pa.array(paths == path))
-        ok = np.asarray(part.column("error").is_null())
-        scores = part.column("ood_score").to_numpy(zero_copy_only=False)[ok]
-        z_lists = part.column("z_scores").filter(pa.array(ok)).combine_chunks()
+        ok = np.asarray(part.column(schema.ERROR).is_null())
+        scores = part.column(schema.OOD_SCORE).to_numpy(zero_copy_only=False)[ok]
+        z_lists = part.column(schema.Z_SCORES).filter(pa.array(ok)).combine_chunks()
         z = pc.list_flatten(z_lists).to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, n_layers)
-        summary = PartitionSummary.from_rows(calibration_scores, scores, z, part.column("error").to_pylist())
-        ids = np.array(part.column("id").to_pylist(), dtype=object)[ok]
+        summary = PartitionSummary.from_rows(calibration_scores, scores, z, part.column(schema.ERROR).to_pylist())
+        ids = np.array(part.column(schema.ID).to_pylist(), dtype=object)[ok]
         top = np.argsort(-scores)[:TOP_ROWS]
         out.append(
             {

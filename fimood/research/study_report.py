@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from types import ModuleType
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fimood.apps.study import BASELINES, StudyConfig, StudyResult, StudyRow, machine, mean_auroc
 from fimood.method.metrics import detection_metrics
 from fimood.method.scoring import DEFAULT_RULE, SCORING_RULES, DiagonalGaussian
+from fimood.plotting import pyplot, write_figure
+from fimood.research.study import BASELINES, StudyConfig, StudyResult, StudyRow, machine, mean_auroc
 from fimood.storage import join, write_bytes
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure  # matplotlib is the optional `plot` extra
 
 # Stated before any figure was made; the study only applies it (docs/scoring-rules.md).
 DEFAULT_RULE_CRITERION = (
@@ -144,25 +139,6 @@ def geometry_table(result: StudyResult, n_axes: int = 3) -> str:
             auroc = detection_metrics(in_distribution[:, 0], coordinates[:, 0]).auroc
             lines.append(f"| {model} | {name} | {cells} | {auroc:.3f} |")
     return "\n".join(lines)
-
-
-def pyplot() -> ModuleType:
-    """matplotlib's pyplot on the file-only Agg backend: the study runs on headless machines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def write_figure(figure: Figure, path: str, dpi: int) -> None:
-    """Lay out, write as PNG to any fsspec URL, and free the figure."""
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    pyplot().close(figure)
-    write_bytes(path, buffer.getvalue())
 
 
 def plot_feature_distributions(result: StudyResult, model: str, path: str, n_panels: int = 12) -> None:

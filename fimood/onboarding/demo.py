@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from fimood import passes
-from fimood.apps.datasets import load_source
-from fimood.apps.evaluate import EvaluationRow, evaluate, format_table, write_json
-from fimood.apps.monitor import MonitorConfig, MonitorResult, run_monitor
-from fimood.apps.monitor_report import write_monitor_report
-from fimood.apps.stages import Stages
-from fimood.apps.training import TrainSummary, train_checkpoint
+from fimood.evaluation import EvaluationRow, evaluate, format_table, write_json
 from fimood.lake.tables import read_image_parquet, write_image_parquet
 from fimood.models.training import TrainConfig
+from fimood.monitor import MonitorConfig, MonitorResult, run_monitor
+from fimood.onboarding.datasets import load_source
+from fimood.onboarding.training import TrainSummary, train_checkpoint
+from fimood.progress import Stages
 from fimood.storage import join
 
 logger = logging.getLogger(__name__)
@@ -127,6 +126,4 @@ def run_demo(config: DemoConfig) -> DemoResult:
         report=join(config.out, "monitor", "report"),
         pipeline=run,
     )
-    result = run_monitor(monitored)
-    write_monitor_report(result, monitored.report)
-    return DemoResult(train=trained, rows=rows, score=scored, monitor=result)
+    return DemoResult(train=trained, rows=rows, score=scored, monitor=run_monitor(monitored))

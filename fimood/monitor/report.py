@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from dataclasses import asdict
 
 import numpy as np
 import scipy.stats
 
-from fimood.apps.monitor import REFERENCE_DOMINATES, MonitorResult
-from fimood.apps.study_report import pyplot
+from fimood.monitor.result import REFERENCE_DOMINATES, MonitorResult
+from fimood.plotting import png_bytes, pyplot
 from fimood.storage import join, write_bytes
 
 SUMMARY_SCHEMA_VERSION = 3  # 2: `mean_shift`, `min_mean_shift`; 3: `stream`, `guarantee`, per-partition `guarantee`
@@ -225,11 +224,7 @@ def _night_ticks(axes, history: list[dict], most: int = 12) -> None:
 
 
 def _image(figure) -> str:
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    pyplot().close(figure)
-    return f"<img alt='' src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+    return f"<img alt='' src='data:image/png;base64,{base64.b64encode(png_bytes(figure, 80)).decode()}'>"
 
 
 def _thumbnails(verdict) -> str:

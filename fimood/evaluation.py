@@ -1,5 +1,8 @@
 """Evaluation: the gradient method against likelihood and Typicality on in-distribution vs OOD sets.
 
+`fimood evaluate` and the detection study share one loop (`evaluate_features`): every method scores
+the same rows (or groups), and each OOD set gets every method's AUROC, AUPRs and FPR95.
+
 Per-row scores use the saved detector. The paper's grouped variant (features of the summed loss of
 M rows) is an evaluation device: its densities are fitted here, in-process, on the detector's own
 fit rows, split into fit and calibration rows and reduced exactly as `fimood fit` does.
@@ -7,19 +10,21 @@ fit rows, split into fit and calibration rows and reduced exactly as `fimood fit
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fimood.apps.stages import Stages
 from fimood.lake.tables import ImageTable, read_image_parquet
-from fimood.method.baselines import baseline_scores
-from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector, load_detector_and_model
-from fimood.method.features import Features, compute_features, seeds_from_ids
+from fimood.method.baselines import TypicalityTest, baseline_scores
+from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector, load_detector
+from fimood.method.features import Features, FeatureSettings, compute_features
 from fimood.method.metrics import detection_metrics
 from fimood.method.splits import calibration_rows
 from fimood.models import LikelihoodModel
+from fimood.progress import Stages
 from fimood.storage import StorageOptions, write_bytes
 
 METHOD_NAMES = ("gradient", "typicality", "likelihood")
@@ -42,8 +47,7 @@ def table_features(
     model: LikelihoodModel,
     table: ImageTable,
     group_size: int,
-    engine: str,
-    batch_size: int,
+    settings: FeatureSettings,
     rows: np.ndarray | None = None,
     label: str = "features",
 ) -> Features:
@@ -52,16 +56,21 @@ def table_features(
     return compute_features(
         model,
         table.images[rows],
-        seeds_from_ids([table.ids[i] for i in rows]),
+        [table.ids[i] for i in rows],
         group_size=group_size,
-        engine=engine,
-        batch_size=batch_size,
+        engine=settings.engine,
+        batch_size=settings.batch_size,
         progress=label,
     )
 
 
 def grouped_fit_features(
-    settings: DetectorSettings, model: LikelihoodModel, fit_table: ImageTable, group_size: int, label: str = "fit"
+    settings: DetectorSettings,
+    feature_settings: FeatureSettings,
+    model: LikelihoodModel,
+    fit_table: ImageTable,
+    group_size: int,
+    label: str = "fit",
 ) -> tuple[Features, Features]:
     """Features of groups of `group_size` fit rows, and of groups of calibration rows.
 
@@ -74,8 +83,7 @@ def grouped_fit_features(
             model,
             fit_table,
             group_size,
-            settings.engine,
-            settings.batch_size,
+            feature_settings,
             np.flatnonzero(side),
             f"{label} {name} (group {group_size})",
         )
@@ -83,19 +91,30 @@ def grouped_fit_features(
     )
 
 
-def fit_grouped(
-    settings: DetectorSettings, model: LikelihoodModel, fit_table: ImageTable, group_size: int
-) -> GradNormDetector:
-    """The grouped variant's density, from groups of fit rows, calibrated on groups of calibration rows."""
-    fit_features, calibration = grouped_fit_features(settings, model, fit_table, group_size)
-    return GradNormDetector(rule=settings.rule, false_positive_rate=settings.false_positive_rate).fit(
-        fit_features.log_sq_norms, calibration.log_sq_norms
+def method_scores(
+    gradient: dict[str, GradNormDetector], typicality: TypicalityTest, features: Features
+) -> dict[str, np.ndarray]:
+    """OOD scores (higher = more OOD) of each gradient detector (by the name given) and both baselines."""
+    return {name: density.ood_score(features.log_sq_norms) for name, density in gradient.items()} | baseline_scores(
+        typicality, features.nll
     )
 
 
-def method_scores(density: GradNormDetector, detector: DetectorArtifact, features: Features) -> dict[str, np.ndarray]:
-    """OOD scores (higher = more OOD) of each method for the same rows or groups."""
-    return {"gradient": density.ood_score(features.log_sq_norms)} | baseline_scores(detector.typicality, features.nll)
+def evaluate_features(
+    scores_of: Callable[[Features], dict[str, np.ndarray]],
+    id_features: Features,
+    ood_features: Iterable[tuple[str, Features]],
+    group_size: int,
+) -> list[EvaluationRow]:
+    """One row per (OOD set, method), in that order: every method scores the same rows or groups."""
+    id_scores = scores_of(id_features)
+    rows = []
+    for name, features in ood_features:
+        for method, scores in scores_of(features).items():
+            metrics = detection_metrics(id_scores[method], scores)
+            n_id, n_ood = len(id_scores[method]), len(scores)
+            rows.append(EvaluationRow(method, name, group_size, **metrics.as_dict(), n_id=n_id, n_ood=n_ood))
+    return rows
 
 
 def evaluate_tables(
@@ -108,8 +127,17 @@ def evaluate_tables(
 ) -> list[EvaluationRow]:
     """One row per (group size, OOD set, method); rows that could not be decoded are left out."""
     rows = []
-    settings = detector.settings
+    settings, feature_settings = detector.settings, detector.feature_settings
     stages = Stages("evaluate", sum((size not in detector.by_group) + 1 + len(ood_tables) for size in group_sizes))
+
+    def features(table: ImageTable, size: int, name: str) -> Features:
+        stages.start(f"features of {name} (group size {size})")
+        return table_features(model, table, size, feature_settings, label=f"{name} (group {size})")
+
+    def ood_features(size: int) -> Iterator[tuple[str, Features]]:
+        for name, table in ood_tables.items():
+            yield name, features(table, size, name)
+
     for size in group_sizes:
         if size in detector.by_group:
             density = detector.by_group[size]
@@ -117,30 +145,11 @@ def evaluate_tables(
             raise ValueError(f"group size {size} needs the detector's fit rows to fit its density")
         else:
             stages.start(f"fit the density of groups of {size} fit rows")
-            density = fit_grouped(settings, model, fit_table, size)
-        stages.start(f"features of the in-distribution rows (group size {size})")
-        id_features = table_features(
-            model, id_table, size, settings.engine, settings.batch_size, label=f"in-distribution (group {size})"
-        )
-        id_scores = method_scores(density, detector, id_features)
-        for name, table in ood_tables.items():
-            stages.start(f"features of {name} (group size {size})")
-            ood_features = table_features(
-                model, table, size, settings.engine, settings.batch_size, label=f"{name} (group {size})"
-            )
-            ood_scores = method_scores(density, detector, ood_features)
-            for method in METHOD_NAMES:
-                metrics = detection_metrics(id_scores[method], ood_scores[method])
-                rows.append(
-                    EvaluationRow(
-                        method=method,
-                        ood_set=name,
-                        group_size=size,
-                        **metrics.as_dict(),
-                        n_id=len(id_scores[method]),
-                        n_ood=len(ood_scores[method]),
-                    )
-                )
+            fitted, calibration = grouped_fit_features(settings, feature_settings, model, fit_table, size)
+            density = settings.detector().fit(fitted.log_sq_norms, calibration.log_sq_norms)
+        scores_of = functools.partial(method_scores, {"gradient": density}, detector.typicality)
+        id_features = features(id_table, size, "the in-distribution rows")
+        rows += evaluate_features(scores_of, id_features, ood_features(size), size)
     return rows
 
 
@@ -155,7 +164,7 @@ def evaluate(
     storage_options: StorageOptions = None,
 ) -> list[EvaluationRow]:
     """Read the in-distribution and OOD tables (and, for grouped variants, the fit rows) and evaluate."""
-    detector, model = load_detector_and_model(detector_url, storage_options, allowed_imports)
+    detector, model = load_detector(detector_url, storage_options, allowed_imports)
 
     def read(url: str, rows: int | None = limit) -> ImageTable:
         return read_image_parquet(url, model.image_shape, limit=rows, storage_options=storage_options)

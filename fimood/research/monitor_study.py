@@ -30,9 +30,25 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from fimood.apps.datasets import load_source
-from fimood.apps.evaluate import table_features
-from fimood.apps.monitor_rivals import (
+from fimood.engine import trainable_parameters
+from fimood.evaluation import table_features
+from fimood.lake.tables import ImageTable
+from fimood.method.baselines import likelihood_ood_score
+from fimood.method.detector import DetectorSettings
+from fimood.method.reduce import fit_rows
+from fimood.method.scoring import DEFAULT_RULE
+from fimood.method.shift import (
+    DEFAULT_REFERENCE_RISK,
+    Evidence,
+    LifetimeBudget,
+    NightlyBudget,
+    PartitionSummary,
+    Reference,
+    shift_tests,
+)
+from fimood.method.splits import split_hash, training_rows
+from fimood.onboarding.datasets import load_source
+from fimood.research.monitor_rivals import (
     BBSD,
     DEFAULT_CLASSIFIER_STEPS,
     MMDDrift,
@@ -41,14 +57,7 @@ from fimood.apps.monitor_rivals import (
     classifier_outputs,
     train_classifier,
 )
-from fimood.apps.study import StudyConfig, checkpoint, machine, write_study_data
-from fimood.lake.tables import ImageTable
-from fimood.method.baselines import likelihood_ood_score
-from fimood.method.detector import DetectorSettings
-from fimood.method.reduce import FitReduce
-from fimood.method.scoring import DEFAULT_RULE
-from fimood.method.shift import DEFAULT_REFERENCE_RISK, LifetimeBudget, PartitionSummary, Reference, shift_tests
-from fimood.method.splits import split_hash, training_rows
+from fimood.research.study import StudyConfig, checkpoint, machine, write_study_data
 from fimood.storage import join, read_bytes, write_bytes
 
 logger = logging.getLogger(__name__)
@@ -199,7 +208,7 @@ def _features(name: str, model, table: ImageTable, study: StudyConfig) -> dict[s
             return {key: cached[key] for key in cached.files}
     except FileNotFoundError:
         pass
-    computed = table_features(model, table, 1, study.engine, study.batch_size, label=f"{name}: {len(table.ids)} rows")
+    computed = table_features(model, table, 1, study.feature_settings, label=f"{name}: {len(table.ids)} rows")
     arrays = {"log_sq_norms": computed.log_sq_norms, "nll": computed.nll}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
@@ -249,7 +258,7 @@ def _outcome(model, method, rows, share, reference, night, p, large, config) -> 
         "reference": reference,
         "night": night,
         "p_value": float(p),
-        "flagged": bool(p <= config.alpha and large),
+        "flagged": bool(NightlyBudget(config.alpha).decide([], [Evidence("night", p, large)]).shifted),
     }
 
 
@@ -264,13 +273,12 @@ def threshold_rows(ids: list[str], fraction: float) -> np.ndarray:
 def _measure_model(name, model, features, fresh_ids, plans, rival_outcomes, config, result) -> None:
     """Every deployment of one model: its reference fitted as `fimood fit` fits it, then every night tested."""
     settings = DetectorSettings(rule=DEFAULT_RULE)
-    feature_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    feature_names = [n for n, _ in trainable_parameters(model)]
     nll = {pool: f["nll"] for pool, f in features.items()}
     for r, plan in enumerate(plans):
         ids = [fresh_ids[i] for i in plan.fit]
-        reduce = FitReduce(len(feature_names), settings.calibration_fraction)
-        reduce.add(ids, features["fresh"]["log_sq_norms"][plan.fit], nll["fresh"][plan.fit])
-        detector, _ = reduce.finish(settings.false_positive_rate, DEFAULT_RULE)
+        fitted, _, _ = fit_rows(ids, features["fresh"]["log_sq_norms"][plan.fit], nll["fresh"][plan.fit], settings)
+        detector = fitted[settings.rule]
         # the NLL monitor and Typicality calibrate on the rows that set the gradient detector's threshold
         calibration = plan.fit[threshold_rows(ids, settings.calibration_fraction)]
         fit_only = plan.fit[split_hash(ids) >= settings.calibration_fraction]
@@ -281,7 +289,7 @@ def _measure_model(name, model, features, fresh_ids, plans, rival_outcomes, conf
                 Reference.of(detector, feature_names, config.reference_risk),
                 detector.calibration_scores_,
                 {pool: detector.ood_score(f["log_sq_norms"]) for pool, f in features.items()},
-                {pool: detector.rule_.z_scores(f["log_sq_norms"]) for pool, f in features.items()},
+                {pool: detector.z_scores(f["log_sq_norms"]) for pool, f in features.items()},
             ),
             "nll": (
                 Reference(

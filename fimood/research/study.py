@@ -14,6 +14,7 @@ are made again, so a report's command always describes the run that made its fig
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -21,6 +22,7 @@ import logging
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -28,26 +30,30 @@ import numpy as np
 import torch
 
 import fimood
-from fimood.apps import datasets, training
-from fimood.apps.datasets import load_source
-from fimood.apps.evaluate import grouped_fit_features, table_features
-from fimood.apps.training import train_checkpoint
+from fimood.engine import trainable_parameters
+from fimood.evaluation import evaluate_features, grouped_fit_features, method_scores, table_features
 from fimood.lake import images
 from fimood.lake.tables import ImageTable, read_image_parquet, write_image_parquet
-from fimood.method.baselines import TypicalityTest, baseline_scores
+from fimood.method.baselines import TypicalityTest
 from fimood.method.detector import DetectorSettings, GradNormDetector
-from fimood.method.features import Features
-from fimood.method.metrics import detection_metrics
-from fimood.method.reduce import FitReduce
-from fimood.method.scoring import DEFAULT_RULE, SCORING_RULES
+from fimood.method.features import Features, FeatureSettings
+from fimood.method.reduce import fit_rows
+from fimood.method.scoring import SCORING_RULES
 from fimood.models import MODELS, LikelihoodModel, load_model, model_class
 from fimood.models import training as model_training
 from fimood.models.training import TrainConfig
+from fimood.onboarding import datasets, training
+from fimood.onboarding.datasets import load_source
+from fimood.onboarding.training import train_checkpoint
 from fimood.storage import filesystem, join, read_bytes, write_bytes
 
 logger = logging.getLogger(__name__)
 
 BASELINES = ("typicality", "likelihood")
+# How long the study trains each built-in model on FashionMNIST (at batch 64, on 2 CPU cores): glow 4 epochs,
+# about 12 min; vae about 2 min; ddpm about 6 min. A model not named here trains DEFAULT_TRAIN_STEPS.
+TRAIN_STEPS = {"glow": 3750, "vae": 1500, "ddpm": 1200}
+DEFAULT_TRAIN_STEPS = 1500
 RECORD = "_made.json"  # beside each data table, inside its folder; `<checkpoint>.json` beside each checkpoint
 
 
@@ -56,7 +62,7 @@ class StudyConfig:
     work: str = "study-out"  # data, checkpoints and their records; reused when their record matches
     models: tuple[str, ...] = ("glow", "vae", "ddpm")
     preset: str = "small"
-    train_steps: int | None = None  # None: each model's `study_train_steps`
+    train_steps: int | None = None  # None: each model's in TRAIN_STEPS
     rows: int = 2000  # rows of each evaluation set (held-out and each OOD set)
     fit_rows: int = 5000  # in-distribution rows the detectors fit on (a fifth of them held out to calibrate)
     group_sizes: tuple[int, ...] = (1, 5)
@@ -64,9 +70,9 @@ class StudyConfig:
     batch_size: int = 64
     seed: int = 0
 
-    def settings(self, rule: str) -> DetectorSettings:
-        """What `fimood fit` would be given for this rule."""
-        return DetectorSettings(engine=self.engine, rule=rule, batch_size=self.batch_size)
+    @property
+    def feature_settings(self) -> FeatureSettings:
+        return FeatureSettings(self.engine, self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ def checkpoint(
     """
     cls = model_class(name)
     model_url = join(config.work, "models", name)
-    steps = config.train_steps or cls.study_train_steps
+    steps = config.train_steps or TRAIN_STEPS.get(name, DEFAULT_TRAIN_STEPS)
     recipe = {
         "model": name,
         "preset": config.preset,
@@ -201,14 +207,6 @@ def checkpoint(
     return model, record
 
 
-def score_methods(
-    detectors: dict[str, GradNormDetector], typicality: TypicalityTest, features: Features
-) -> dict[str, np.ndarray]:
-    """OOD scores (higher = more OOD) of every rule and baseline for the same rows or groups."""
-    gradient = {f"gradient:{rule}": detector.ood_score(features.log_sq_norms) for rule, detector in detectors.items()}
-    return gradient | baseline_scores(typicality, features.nll)
-
-
 def fit_detectors(
     name: str, model: LikelihoodModel, fit: ImageTable, size: int, config: StudyConfig
 ) -> tuple[dict[str, GradNormDetector], TypicalityTest, int]:
@@ -217,15 +215,12 @@ def fit_detectors(
     Per row, the detectors are the ones `fimood fit` builds from these rows (its reduce, its split);
     in groups, the ones `fimood evaluate` builds.
     """
-    settings = config.settings(DEFAULT_RULE)  # every rule's settings are these, but for the rule
+    settings = DetectorSettings()  # every rule's settings are the defaults, but for the rule
     if size == 1:
-        features = table_features(model, fit, 1, config.engine, config.batch_size, label=f"{name} fit rows")
-        reduce = FitReduce(features.log_sq_norms.shape[1], settings.calibration_fraction)
-        reduce.add([fit.ids[i] for i in np.flatnonzero(fit.ok)], features.log_sq_norms, features.nll)
-        fitted = {rule: reduce.finish(settings.false_positive_rate, rule) for rule in SCORING_RULES}
-        detectors = {rule: detector for rule, (detector, _) in fitted.items()}
-        return detectors, fitted[DEFAULT_RULE][1], reduce.stats.count
-    fit_features, calibration = grouped_fit_features(settings, model, fit, size, label=name)
+        features = table_features(model, fit, 1, config.feature_settings, label=f"{name} fit rows")
+        ids = [fit.ids[i] for i in np.flatnonzero(fit.ok)]
+        return fit_rows(ids, features.log_sq_norms, features.nll, settings, tuple(SCORING_RULES))
+    fit_features, calibration = grouped_fit_features(settings, config.feature_settings, model, fit, size, label=name)
     detectors = {
         rule: GradNormDetector(rule=rule, false_positive_rate=settings.false_positive_rate).fit(
             fit_features.log_sq_norms, calibration.log_sq_norms
@@ -238,27 +233,31 @@ def fit_detectors(
 def evaluate_model(
     name: str, model: LikelihoodModel, tables: dict[str, ImageTable], config: StudyConfig, result: StudyResult
 ) -> None:
-    """Features of every set at every batch size, then every rule and baseline's AUROC and FPR95."""
+    """Features of every set at every batch size, then every rule and baseline's AUROC and FPR95 (the loop
+    `fimood evaluate` runs, with every rule)."""
     ood_names = [key for key in tables if key not in ("fashion-mnist-fit", "fashion-mnist-heldout")]
     for size in config.group_sizes:
         detectors, typicality, n_fit = fit_detectors(name, model, tables["fashion-mnist-fit"], size, config)
         id_features = _features(model, tables["fashion-mnist-heldout"], size, config, f"{name} held-out")
-        id_scores = score_methods(detectors, typicality, id_features)
         if size == 1:
             result.models[name].update(n_fit=n_fit, heldout_nll=float(id_features.nll.mean()))
             result.features[name] = {"fashion-mnist": id_features.log_sq_norms}
-        for ood_name in ood_names:
-            ood_features = _features(model, tables[ood_name], size, config, f"{name} {ood_name}")
-            if size == 1:
-                result.features[name][ood_name] = ood_features.log_sq_norms
-            for method, scores in score_methods(detectors, typicality, ood_features).items():
-                metrics = detection_metrics(id_scores[method], scores)
-                n_id, n_ood = len(id_scores[method]), len(scores)
-                result.rows.append(StudyRow(name, ood_name, size, method, metrics.auroc, metrics.fpr95, n_id, n_ood))
+
+        def ood_features(size: int = size) -> Iterator[tuple[str, Features]]:
+            for ood_name in ood_names:
+                features = _features(model, tables[ood_name], size, config, f"{name} {ood_name}")
+                if size == 1:
+                    result.features[name][ood_name] = features.log_sq_norms
+                yield ood_name, features
+
+        gradient = {f"gradient:{rule}": detector for rule, detector in detectors.items()}
+        scores_of = functools.partial(method_scores, gradient, typicality)
+        for row in evaluate_features(scores_of, id_features, ood_features(), size):
+            result.rows.append(StudyRow(name, row.ood_set, size, row.method, row.auroc, row.fpr95, row.n_id, row.n_ood))
 
 
 def _features(model: LikelihoodModel, table: ImageTable, size: int, config: StudyConfig, label: str) -> Features:
-    return table_features(model, table, size, config.engine, config.batch_size, label=f"{label} (batch {size})")
+    return table_features(model, table, size, config.feature_settings, label=f"{label} (batch {size})")
 
 
 def run_study(config: StudyConfig) -> StudyResult:
@@ -279,7 +278,7 @@ def run_study(config: StudyConfig) -> StudyResult:
             "parameters": sum(p.numel() for p in model.parameters()),
             "made": {key: record[key] for key in ("recipe", "training_seconds", "trained_at", "machine")},
         }
-        result.feature_names[name] = [n for n, p in model.named_parameters() if p.requires_grad]
+        result.feature_names[name] = [n for n, _ in trainable_parameters(model)]
         if model.image_shape not in tables_by_shape:
             tables_by_shape[model.image_shape] = {
                 key: read_image_parquet(url, model.image_shape) for key, url in evaluated.items()
