@@ -20,7 +20,7 @@ from fimood.cli import main
 from fimood.lake.tables import write_image_parquet
 from fimood.models import Glow, save_model, training_data_record
 from fimood.models.training import TrainConfig, train
-from fimood.monitor.history import read_history, write_history_rows
+from fimood.monitor.history import HISTORY_SCHEMA, SCHEMA_VERSION, read_history, write_history_rows
 from fimood.onboarding.datasets import load_source
 
 NIGHTS = [f"2026-11-0{day}" for day in range(1, 8)]
@@ -113,6 +113,13 @@ def test_a_report_that_cannot_be_written_leaves_the_verdicts_and_the_history(mon
     assert "report: NOT WRITTEN: OSError: the report's disk is full" in capsys.readouterr().out
     table = pads.dataset(urls["history"], format="parquet", partitioning="hive").to_table()
     assert table.column("verdict").to_pylist() == ["shift"]
+
+
+def test_a_history_file_has_exactly_the_declared_schema(tmp_path):
+    write_history_rows(str(tmp_path), "d", [{"partition": "date=2026-11-01", "verdict": "ok", "z_sum": [0.5]}])
+    (path,) = tmp_path.glob("stream=d/*.parquet")
+    assert pq.read_schema(path).equals(HISTORY_SCHEMA, check_metadata=True)
+    assert pq.read_table(path).column("schema_version").to_pylist() == [SCHEMA_VERSION]
 
 
 def test_history_writers_for_different_nights_keep_each_others_rows(tmp_path):

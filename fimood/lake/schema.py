@@ -33,9 +33,13 @@ _FIELDS = [
 ]
 
 
+def parquet_list(item: pa.DataType) -> pa.DataType:
+    """A list type whose item is named `element`, as Parquet's LIST type names it: a written file reads back
+    with exactly the declared schema."""
+    return pa.list_(pa.field("element", item))
+
+
 def score_schema(z_scores: bool = False) -> pa.Schema:
     """The columns of a score table, in order, with their types (and `z_scores` when asked for)."""
-    # a list's item is named `element`, as Parquet's LIST type names it, so a written file reads back the same
-    z_field = pa.field(Z_SCORES, pa.list_(pa.field("element", pa.float64())))
-    fields = _FIELDS + ([z_field] if z_scores else [])
+    fields = _FIELDS + ([pa.field(Z_SCORES, parquet_list(pa.float64()))] if z_scores else [])
     return pa.schema(fields, metadata=METADATA)

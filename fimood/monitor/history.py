@@ -17,6 +17,7 @@ import hashlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fimood.lake.schema import parquet_list
 from fimood.lake.tables import parquet_bytes
 from fimood.monitor.result import PartitionVerdict
 from fimood.storage import StorageOptions, filesystem, join, resilient, write_file
@@ -38,7 +39,7 @@ HISTORY_SCHEMA = pa.schema(
         ("reference_dominates", pa.bool_()),
         ("rows", pa.int64()),
         ("scored", pa.int64()),
-        ("errors_by_reason", pa.list_(pa.struct([("reason", pa.string()), ("count", pa.int64())]))),
+        ("errors_by_reason", parquet_list(pa.struct([("reason", pa.string()), ("count", pa.int64())]))),
         ("flagged", pa.int64()),
         *[
             (name, pa.float64())
@@ -59,11 +60,11 @@ HISTORY_SCHEMA = pa.schema(
                 "statistic",
             )
         ],
-        ("top_layers", pa.list_(pa.string())),
-        ("layer_shift", pa.list_(pa.float64())),
-        ("rank_counts", pa.list_(pa.int64())),
-        ("z_sum", pa.list_(pa.float64())),
-        ("z_sq_sum", pa.list_(pa.float64())),
+        ("top_layers", parquet_list(pa.string())),
+        ("layer_shift", parquet_list(pa.float64())),
+        ("rank_counts", parquet_list(pa.int64())),
+        ("z_sum", parquet_list(pa.float64())),
+        ("z_sq_sum", parquet_list(pa.float64())),
         ("schema_version", pa.int32()),
     ]
 )
