@@ -8,7 +8,7 @@ The public API, from images to scores (docs/architecture.md draws the layers beh
     artifact, summary = fimood.fit(model_url, data_url, fimood.PipelineConfig())   # the Ray fit pass
     fimood.score(detector_url, data_url, out_url, fimood.PipelineConfig())        # the Ray score pass
     artifact, model = fimood.load_detector(detector_url); artifact.score_images(model, images, ids)  # in process
-    fimood.read_committed(out_url)                                       # the score table (`score_schema`)
+    fimood.read_scores(out_url)            # the score table (`table_schema`); any Delta reader reads it too
 
 The Ray passes, the monitor, evaluation and the bundled data load on first use, so `import fimood`
 does not import Ray.
@@ -17,8 +17,8 @@ does not import Ray.
 import importlib
 
 from fimood.engine import layerwise_grad_norms
-from fimood.lake.commit import read_committed
-from fimood.lake.schema import score_schema
+from fimood.lake.schema import score_schema, table_schema
+from fimood.lake.score_table import read_scores
 from fimood.lake.tables import read_image_parquet, write_image_parquet
 from fimood.method.baselines import TypicalityTest
 from fimood.method.detector import (
@@ -35,6 +35,7 @@ from fimood.method.shift import LifetimeBudget, NightlyBudget
 from fimood.method.splits import calibration_rows
 from fimood.models import LikelihoodModel, load_model, save_model
 from fimood.models.training import TrainConfig
+from fimood.version import __version__ as __version__
 
 # Loaded on first use: the passes and the monitor import Ray, and the product's modules (a Ray worker
 # unpickling an actor imports this package first) must not load onboarding or evaluation.
@@ -95,14 +96,14 @@ __all__ = [
     "load_model",
     "load_source",
     "quiet_ray",
-    "read_committed",
     "read_image_parquet",
+    "read_scores",
     "run_monitor",
     "save_model",
     "score",
     "score_schema",
     "seeds_from_ids",
+    "table_schema",
     "train_checkpoint",
     "write_image_parquet",
 ]
-__version__ = "0.2.0"

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -16,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from fimood import passes
-from fimood.lake.commit import read_committed
-from fimood.lake.tables import write_image_parquet
+from fimood.lake import schema
+from fimood.lake.score_table import Lineage
+from fimood.lake.score_table import read_scores as read_score_table
+from fimood.lake.tables import parquet_bytes, write_image_parquet
 from fimood.method.baselines import TypicalityTest
 from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
 from fimood.models import Glow, GlowConfig, LikelihoodModel, save_model
@@ -149,8 +152,43 @@ DAYS = ("2026-11-25", "2026-11-26")
 
 
 def read_scores(url: str, storage_options: dict | None = None) -> pa.Table:
-    """Every committed score row under `url`, as a reader that honours the commit markers sees it."""
-    return read_committed(url, storage_options)
+    """The score table's current version at `url`, as a Delta reader sees it."""
+    return read_score_table(url, storage_options)
+
+
+SCORE_ROWS = 40  # per partition, in each version `commit_scores` writes
+
+
+def commit_scores(table, folders: list[str], version: int) -> None:
+    """Commit a version of every partition `folders` names, as the score pass does, from one staged file each;
+    its ids say the version (`v3-<folder>-<i>`)."""
+    for folder in folders:
+        path = f"{table.root}/_staging/test/v{version}/{folder.replace('/', '_') or 'root'}.parquet"
+        table.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        rows = {
+            schema.ID: [f"v{version}-{folder}-{i}" for i in range(SCORE_ROWS)],
+            schema.OOD_SCORE: [float(i) for i in range(SCORE_ROWS)],
+            schema.P_VALUE: [0.5] * SCORE_ROWS,
+            schema.IS_OOD: [False] * SCORE_ROWS,
+            schema.NLL: [1.0] * SCORE_ROWS,
+            schema.ERROR: [None] * SCORE_ROWS,
+            schema.DETECTOR_ID: ["d" * 64] * SCORE_ROWS,
+        }
+        table.fs.pipe_file(path, parquet_bytes(pa.table(rows, schema=schema.score_schema())))
+        lineage = Lineage("d" * 64, [{"path": f"v{version}", "size": 0, "version": ""}], False)
+        table.replace(folder, [path], lineage, f"run-{version}", table.committed().get(folder))
+
+
+def duckdb_with_delta():
+    """A DuckDB connection with its Delta extension loaded from the pip package (no download: the machine
+    is offline; users with internet run `INSTALL delta` once)."""
+    import duckdb
+    import duckdb_ext
+
+    extensions = Path(duckdb_ext.__path__[0]) / "extensions"
+    connection = duckdb.connect(config={"extension_directory": str(extensions)})
+    connection.sql("LOAD delta")
+    return connection
 
 
 @pytest.fixture(scope="session")

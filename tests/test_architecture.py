@@ -10,6 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[1] / "fimood"
 # Bottom up. A layer may import its own layer and any below it; layers on one level never import each other.
 LAYERS = {
+    "version": 0,
     "storage": 0,
     "progress": 0,
     "plotting": 1,  # the reports' figures, written through storage

@@ -9,6 +9,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import read_scores
 
 from fimood.cli import COMMANDS, build_parser, main
 from fimood.models import load_model
@@ -102,7 +103,7 @@ def test_score_exits_non_zero_naming_the_partitions_it_could_not_commit(lake, tm
     pq.write_table(pa.table({"id": ["a", "b"], "image": [b"junk", b"junk"]}), bad / "part.parquet")
     score = ["score", "--detector", lake["detector"], "--data", str(tmp_path / "lake"), "--out", str(tmp_path / "out")]
     assert main(score) == 1
-    assert "date=bad" in capsys.readouterr().err and not (tmp_path / "out" / "date=bad" / "_SUCCESS").exists()
+    assert "date=bad" in capsys.readouterr().err and read_scores(str(tmp_path / "out")).num_rows == 0
     assert main([*score, "--max-error-fraction", "1"]) == 0
 
 
@@ -128,7 +129,9 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     assert "test bits/dim" in out and "mnist" in out and "digits" in out
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert {row["group_size"] for row in evaluation["rows"]} == {1, 5}
-    assert (tmp_path / "scores" / "mnist" / "_SUCCESS").exists()
+    scored = re.search(r"scored MNIST through the pipeline: (\d+) rows", out).group(1)
+    assert re.search(rf"read back as a Delta table: {scored} rows", out), out
+    assert read_scores(str(tmp_path / "scores" / "mnist")).num_rows == int(scored) > 0
     assert "monitor: 7 partitions" in out and (tmp_path / "monitor" / "report" / "index.html").exists()
 
 

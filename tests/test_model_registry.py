@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_scores
 from torch import Tensor, nn
 
 from fimood.cli import main
-from fimood.lake.commit import read_committed
 from fimood.models import MODELS, build_model, load_model, model_class, register_model
 from fimood.models.base import ConfiguredModel, Preset, validate_images
 
@@ -94,5 +94,5 @@ def test_a_model_added_to_the_registry_trains_fits_and_scores_from_the_cli(ray_s
     assert main(["fit", "--model", f"{d}/model", "--data", f"{d}/fit", "--out", f"{d}/detector"]) == 0
     assert main(["score", "--detector", f"{d}/detector", "--data", f"{d}/mnist", "--out", f"{d}/scores"]) == 0
     assert "score: 20 rows (0 errors)" in capsys.readouterr().out
-    scores = read_committed(f"{d}/scores")
+    scores = read_scores(f"{d}/scores")
     assert scores.num_rows == 20 and np.isfinite(scores.column("ood_score").to_numpy()).all()

@@ -6,21 +6,25 @@ import json
 import shutil
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import polars
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import duckdb_with_delta
+from deltalake import DeltaTable
 
 from fimood import passes
 from fimood.cli import main
+from fimood.lake.delta import ConcurrentWriters
 from fimood.lake.tables import write_image_parquet
 from fimood.models import Glow, save_model, training_data_record
 from fimood.models.training import TrainConfig, train
-from fimood.monitor.history import HISTORY_SCHEMA, SCHEMA_VERSION, read_history, write_history_rows
+from fimood.monitor.history import HISTORY_SCHEMA, SCHEMA_VERSION, read_history, read_stream, write_history_rows
 from fimood.onboarding.datasets import load_source
 
 NIGHTS = [f"2026-11-0{day}" for day in range(1, 8)]
@@ -86,6 +90,15 @@ def test_the_shifted_nights_are_flagged_with_their_layers_and_the_exit_code_says
         assert found[f"date={night}"]["top_layers"], "a shift names the layers that moved"
     page = Path(monitored["report"], "index.html").read_text()
     assert found[f"date={SHIFTED[0]}"]["top_layers"][0] in page and page.count("data:image/png;base64,") >= 4
+    # what the nights wrote, read as users read it: the score table with DuckDB, the history with Polars
+    duckdb = duckdb_with_delta()
+    per_night = duckdb.sql(
+        f"SELECT partition, count(*), count(DISTINCT id) FROM delta_scan('{monitored['scores']}') GROUP BY partition"
+    ).fetchall()
+    assert sorted(per_night) == [(f"date={night}", ROWS_PER_NIGHT, ROWS_PER_NIGHT) for night in NIGHTS]
+    history = polars.read_delta(monitored["history"]).sort("partition")
+    assert history["partition"].to_list() == [f"date={night}" for night in NIGHTS]
+    assert history["verdict"].to_list() == [found[f"date={night}"]["verdict"] for night in NIGHTS]
 
 
 def test_rerunning_a_night_replaces_its_history_row(monitored):
@@ -95,7 +108,7 @@ def test_rerunning_a_night_replaces_its_history_row(monitored):
     assert monitor(monitored, "--partitions", f"date={SHIFTED[1]}") == 3
     rows = read_history(monitored["history"], stream(monitored))
     assert [row["partition"] for row in rows] == [f"date={night}" for night in NIGHTS]
-    table = pads.dataset(monitored["history"], format="parquet", partitioning="hive").to_table()
+    table = DeltaTable(monitored["history"]).to_pyarrow_table()
     assert table.num_rows == len(NIGHTS) and set(table.column("stream").to_pylist()) == {stream(monitored)}
     assert set(table.column("detector_id").to_pylist()) == {detector_id(monitored)}
     assert sum(before[row["partition"]] != row["monitored_at"] for row in rows) <= 1
@@ -111,28 +124,64 @@ def test_a_report_that_cannot_be_written_leaves_the_verdicts_and_the_history(mon
     urls = {**monitored, "history": str(tmp_path / "history"), "report": str(tmp_path / "report")}
     assert monitor(urls, f"--partitions=date={SHIFTED[1]}", "--alpha=0.01") == 3  # the shift, not "could not run"
     assert "report: NOT WRITTEN: OSError: the report's disk is full" in capsys.readouterr().out
-    table = pads.dataset(urls["history"], format="parquet", partitioning="hive").to_table()
+    table = DeltaTable(urls["history"]).to_pyarrow_table()
     assert table.column("verdict").to_pylist() == ["shift"]
 
 
-def test_a_history_file_has_exactly_the_declared_schema(tmp_path):
+def test_the_history_is_a_delta_table_of_exactly_the_declared_schema(tmp_path):
     write_history_rows(str(tmp_path), "d", [{"partition": "date=2026-11-01", "verdict": "ok", "z_sum": [0.5]}])
-    (path,) = tmp_path.glob("stream=d/*.parquet")
-    assert pq.read_schema(path).equals(HISTORY_SCHEMA, check_metadata=True)
-    assert pq.read_table(path).column("schema_version").to_pylist() == [SCHEMA_VERSION]
+    table = DeltaTable(str(tmp_path))
+    assert pa.schema(table.schema().to_arrow()).equals(HISTORY_SCHEMA) and table.metadata().partition_columns == [
+        "stream"
+    ]
+    rows = table.to_pyarrow_table()
+    assert rows.schema.equals(HISTORY_SCHEMA) and rows.column("schema_version").to_pylist() == [SCHEMA_VERSION]
 
 
 def test_history_writers_for_different_nights_keep_each_others_rows(tmp_path):
+    """Seven monitors writing their night at once into a new history: every night is kept, once."""
+
     def write(night: str) -> None:
         write_history_rows(str(tmp_path), "d", [{"partition": f"date={night}", "verdict": "ok"}])
 
-    threads = [threading.Thread(target=write, args=(night,)) for night in NIGHTS]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(len(NIGHTS)) as pool:
+        for written in [pool.submit(write, night) for night in NIGHTS]:
+            written.result()  # a writer's error fails the test
     write("2026-11-03")  # and a re-run
     assert [row["partition"] for row in read_history(str(tmp_path), "d")] == [f"date={night}" for night in NIGHTS]
+
+
+def test_a_monitor_whose_stream_was_written_since_it_read_it_stops_in_one_line(tmp_path):
+    """Its lifetime budget decided on the nights it read: written over a night it did not see, the
+    guarantee would not hold. Another stream's writes are no conflict."""
+    url = str(tmp_path)
+    write_history_rows(url, "d", [{"partition": "date=1", "verdict": "ok"}])
+    seen_by_a = read_stream(url, "d")
+    write_history_rows(url, "d", [{"partition": "date=2", "verdict": "ok"}], read=read_stream(url, "d"))  # B
+    write_history_rows(url, "e", [{"partition": "date=9", "verdict": "ok"}], read=read_stream(url, "e"))
+    with pytest.raises(ConcurrentWriters, match="run this night again"):
+        write_history_rows(url, "d", [{"partition": "date=3", "verdict": "shift"}], read=seen_by_a)
+    assert [row["partition"] for row in read_history(url, "d")] == ["date=1", "date=2"]
+    write_history_rows(url, "d", [{"partition": "date=3", "verdict": "shift"}], read=read_stream(url, "d"))  # again
+    assert [row["partition"] for row in read_history(url, "d")] == ["date=1", "date=2", "date=3"]
+
+
+def test_monitors_deciding_at_once_on_one_new_stream_commit_one_and_stop_the_others(tmp_path):
+    url, start = str(tmp_path), threading.Barrier(len(NIGHTS))
+
+    def monitor_night(night: str) -> str:
+        seen = read_stream(url, "d")
+        start.wait()
+        try:
+            write_history_rows(url, "d", [{"partition": f"date={night}", "verdict": "ok"}], read=seen)
+            return night
+        except ConcurrentWriters:
+            return ""
+
+    with ThreadPoolExecutor(len(NIGHTS)) as pool:
+        committed = [night for night in pool.map(monitor_night, NIGHTS) if night]
+    assert len(committed) == 1
+    assert [row["partition"] for row in read_history(url, "d")] == [f"date={night}" for night in committed]
 
 
 def test_a_night_that_cannot_be_scored_exits_could_not_run(monitored, tmp_path):

@@ -1,6 +1,5 @@
 """The Ray pipeline on local files: the fit and score passes keep every row, in its partition, scored as in-process."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import DAYS, read_scores
+from deltalake import DeltaTable
 
+import fimood
 from fimood import passes
 from fimood.lake import schema
 from fimood.lake.images import encode_png
+from fimood.lake.score_table import ScoreTable
 from fimood.method.detector import DetectorArtifact, DetectorSettings
 from fimood.method.features import FeatureSettings, compute_features
 from fimood.models import build_model, load_model, save_model
@@ -20,35 +22,37 @@ from fimood.onboarding.datasets import load_source
 
 
 def test_rows_in_equal_rows_out_and_partitions_are_kept(lake, tmp_path):
+    """Every input row once, in its input folder's partition, with what it was scored from beside it."""
     summary = passes.score(lake["detector"], lake["mnist"], str(tmp_path), passes.PipelineConfig())
     table = read_scores(str(tmp_path))
     ids = table.column("id").to_pylist()
     assert summary.rows == table.num_rows == 120 and summary.errors == 0
     assert sorted(ids) == sorted(load_source("mnist", limit=120).ids) and len(set(ids)) == 120
-    assert sorted((tmp_path).glob("date=*")) == [tmp_path / f"date={day}" for day in DAYS]
-    by_day = table.group_by("date").aggregate([("id", "count")]).to_pylist()
-    assert {row["date"]: row["id_count"] for row in by_day} == {DAYS[0]: 70, DAYS[1]: 50}
-    marker = json.loads((tmp_path / f"date={DAYS[0]}" / "_SUCCESS").read_text())
-    assert marker["detector_id"] == DetectorArtifact.load(lake["detector"]).detector_id
-    assert (marker["rows"], marker["errors"]) == (70, 0)
+    by_day = table.group_by("partition").aggregate([("id", "count")]).to_pylist()
+    assert {row["partition"]: row["id_count"] for row in by_day} == {f"date={DAYS[0]}": 70, f"date={DAYS[1]}": 50}
+    first = table.filter(pa.compute.equal(table.column("partition"), f"date={DAYS[0]}"))
+    assert set(first.column("detector_id").to_pylist()) == {DetectorArtifact.load(lake["detector"]).detector_id}
+    assert set(first.column("fimood_version").to_pylist()) == {fimood.__version__}
+    (lineage_id,) = set(first.column("lineage_id").to_pylist())
+    lineage = ScoreTable(str(tmp_path)).lineage(lineage_id)  # _fimood/lineage/<id>.json beside the data
     inputs = sorted((Path(lake["mnist"]) / f"date={DAYS[0]}").glob("*.parquet"))
-    assert [row["path"] for row in marker["inputs"]] == [str(path) for path in inputs]
-    assert sorted(marker["files"]) == sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").glob("*.parquet"))
+    assert [row["path"] for row in lineage["inputs"]] == [str(path) for path in inputs]
+    assert lineage["z_scores"] is False and lineage["detector_id"] == first.column("detector_id")[0].as_py()
 
 
 @pytest.mark.parametrize("z_scores", [False, True])
 def test_the_written_score_table_has_exactly_the_declared_schema(lake, tmp_path, z_scores):
-    """Every committed file: the declared columns, in order, with their types and the schema's version."""
+    """The Delta table's columns are the declared ones, in order, with their types; staged files carried the
+    schema's version; z-scores are null unless asked for."""
     passes.score(lake["detector"], lake["mnist"], str(tmp_path), passes.PipelineConfig(), z_scores=z_scores)
-    files = sorted(tmp_path.glob("date=*/*.parquet"))
-    assert files
-    for path in files:
-        written = pq.read_schema(path)
-        assert written.equals(schema.score_schema(z_scores), check_metadata=True), f"{path}:\n{written}"
-    read_back = read_scores(str(tmp_path))  # the reader adds the folders' keys, nothing else
-    assert read_back.schema.remove_metadata().equals(
-        schema.score_schema(z_scores).append(pa.field("date", pa.string())).remove_metadata()
-    )
+    table = DeltaTable(str(tmp_path))
+    assert pa.schema(table.schema().to_arrow()).equals(schema.table_schema())
+    assert table.metadata().partition_columns == ["partition"]
+    read_back = read_scores(str(tmp_path))
+    assert read_back.schema.equals(schema.table_schema())
+    assert (read_back.column("z_scores").null_count == 0) is z_scores
+    commit = table.history(1)[0]
+    assert commit["fimood.schema_version"] == str(schema.SCORE_SCHEMA_VERSION) and commit["fimood.version"]
 
 
 def test_scores_equal_the_in_process_detector(lake, tmp_path):
@@ -95,10 +99,10 @@ def test_bad_rows_come_out_with_an_error_and_no_score(lake, tmp_path):
 def test_a_rerun_replaces_and_resume_skips_committed_partitions(lake, tmp_path):
     config = passes.PipelineConfig()
     passes.score(lake["detector"], lake["mnist"], str(tmp_path), config)
-    first = sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").iterdir())
+    version = DeltaTable(str(tmp_path)).version()
     passes.score(lake["detector"], lake["mnist"], str(tmp_path), config)
-    assert read_scores(str(tmp_path)).num_rows == 120
-    assert sorted(p.name for p in (tmp_path / f"date={DAYS[0]}").iterdir()) != first  # replaced, not added
+    assert read_scores(str(tmp_path)).num_rows == 120  # replaced, not added
+    assert DeltaTable(str(tmp_path)).version() == version + 2  # one commit per partition
     resumed = passes.score(lake["detector"], lake["mnist"], str(tmp_path), config, resume=True)
     assert len(resumed.skipped) == 2 and resumed.rows == 0
     assert not (tmp_path / "_staging").exists()

@@ -55,4 +55,8 @@ def test_fit_and_score_jobs_succeed(ray_session, lake, tmp_path):
     )
     assert "score: 120 rows (0 errors)" in score_out
     table = read_scores(str(tmp_path / "scores"))
-    assert table.num_rows == 120 and sorted(set(table.column("date").to_pylist())) == list(DAYS)
+    assert table.num_rows == 120 and sorted(set(table.column("partition").to_pylist())) == [f"date={d}" for d in DAYS]
+    import ray  # and as a Ray user reads it: Ray Data's Delta reader
+
+    rows = ray.data.read_delta(str(tmp_path / "scores")).select_columns(["partition", "id"]).take_all()
+    assert sorted(row["id"] for row in rows) == sorted(table.column("id").to_pylist())

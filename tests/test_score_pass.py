@@ -1,11 +1,10 @@
-"""The score pass on real lake layouts: every row of every input folder comes out in the same output
-folder, exactly once, after a first run and after `--resume` on a changed lake; nothing fimood did
-not write is ever replaced."""
+"""The score pass on real lake layouts: every row of every input folder comes out in its own partition
+of the score table, exactly once, after a first run, after `--resume` on a changed lake and after a
+run killed mid-commit; nothing fimood did not write is ever replaced or read."""
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 import zlib
@@ -21,9 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fimood import passes
-from fimood.lake.commit import HEARTBEAT, JOURNAL, MARKER, STAGING, Marker, OutputFolder, Staging, read_committed
+from fimood.lake import delta, schema, score_table
 from fimood.lake.images import encode_png
+from fimood.lake.score_table import Lineage, ScoreTable, folder_of
 from fimood.lake.sources import list_partitions
+from fimood.lake.staging import HEARTBEAT, STAGING, Staging
 from fimood.method.detector import DetectorArtifact
 from fimood.onboarding.datasets import load_source
 from fimood.passes import score_pass
@@ -42,15 +43,10 @@ def write_shard(path: Path, ids: list[str], with_id_column: bool = True) -> list
 
 
 def ids_by_folder(out: Path) -> dict[str, Counter]:
-    """Committed ids per output folder (relative; folders below it not included), counted."""
-    found = {}
-    for marker in out.rglob(MARKER):
-        folder = marker.parent.relative_to(out).as_posix()
-        files = json.loads(marker.read_text())["files"]
-        ids = [
-            i for name in files for i in pq.read_table(marker.parent / name, columns=["id"]).column("id").to_pylist()
-        ]
-        found["" if folder == "." else folder] = Counter(ids)
+    """Committed ids per input folder ('' for the data URL itself), counted, as a Delta reader sees them."""
+    found: dict[str, Counter] = {}
+    for row in read_scores(str(out)).select(["partition", "id"]).to_pylist():
+        found.setdefault(folder_of(row["partition"]), Counter())[row["id"]] += 1
     return found
 
 
@@ -65,9 +61,8 @@ def test_mixed_depth_partitions_keep_every_row(lake, tmp_path):
     summary = passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig())
     assert summary.rows == 12 and [p.folder for p in summary.partitions] == ["date=1", "date=1/hour=2"]
     assert ids_by_folder(tmp_path / "out") == {folder: Counter(ids) for folder, ids in expected.items()}
-    assert not (tmp_path / "out" / "date=1" / "hour=2" / "hour=2").exists()
     table = read_scores(str(tmp_path / "out"))
-    assert table.num_rows == 12 and set(table.column("hour").to_pylist()) == {None, "2"}
+    assert table.num_rows == 12 and set(table.column("partition").to_pylist()) == {"date=1", "date=1/hour=2"}
 
 
 def test_folders_without_keys_and_the_root_itself_are_mirrored(lake, tmp_path):
@@ -130,18 +125,14 @@ def test_an_output_overlapping_the_input_is_refused_before_any_work(lake, tmp_pa
     assert shard.read_bytes() == before and sorted(p.name for p in (data / "j").iterdir()) == ["part.parquet"]
 
 
-def test_a_commit_replaces_only_the_files_fimood_wrote(lake, tmp_path, caplog):
+def test_a_file_no_version_lists_is_never_read(lake, tmp_path):
     data, out = tmp_path / "lake", tmp_path / "out"
     ids = write_shard(data / "d" / "a.parquet", ["a0", "a1", "a2"])
     passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
-    user_file = out / "d" / "notes.parquet"
-    pq.write_table(pa.table({"note": ["mine"]}), user_file)
-    with caplog.at_level(logging.WARNING, logger="fimood.lake.commit"):
-        passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
-    assert user_file.exists() and "notes.parquet" in caplog.text and "did not write" in caplog.text
-    assert ids_by_folder(out) == {"d": Counter(ids)}
-    marker = json.loads((out / "d" / MARKER).read_text())
-    assert sorted(p.name for p in (out / "d").glob("*.parquet")) == sorted([*marker["files"], "notes.parquet"])
+    user_file = out / "partition=d" / "notes.parquet"
+    pq.write_table(pa.table({"id": ["mine"]}), user_file)
+    passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
+    assert user_file.exists() and ids_by_folder(out) == {"d": Counter(ids)}
 
 
 def test_staging_of_a_dead_run_is_removed_and_a_live_runs_is_kept(tmp_path):
@@ -157,33 +148,33 @@ def test_staging_of_a_dead_run_is_removed_and_a_live_runs_is_kept(tmp_path):
     assert not Path(staging.path).exists() and live.exists()
 
 
-@pytest.mark.parametrize("killed_after", ["journal", "moved", "marker"])
-def test_a_commit_killed_halfway_is_finished_or_rolled_back_to_the_previous_version(tmp_path, killed_after):
-    """Replay a commit's steps up to a point, as a killed run leaves them; `recover` restores one whole
-    version: the new one once its marker is written, else the previous one, marker included."""
-    folder = OutputFolder(LocalFileSystem(), str(tmp_path / "d"))
-    (tmp_path / "d").mkdir()
-    old, new = ["part-old-00000.parquet"], ["part-new-00000.parquet"]
-    (tmp_path / "d" / old[0]).write_bytes(b"old")
-    (tmp_path / "d" / MARKER).write_text(json.dumps(_marker(old)))
-    (tmp_path / "d" / "user.parquet").write_bytes(b"user")
-    journal = {"incoming": new, "replaced": old, "previous": _marker(old)}
-    (tmp_path / "d" / JOURNAL).write_text(json.dumps(journal))
-    if killed_after in ("moved", "marker"):
-        (tmp_path / "d" / MARKER).unlink()
-        (tmp_path / "d" / new[0]).write_bytes(b"new")
-        assert folder.current().files == old  # what readers get meanwhile
-    if killed_after == "marker":
-        (tmp_path / "d" / MARKER).write_text(json.dumps(_marker(new)))
-    folder.recover()
-    names = sorted(p.name for p in (tmp_path / "d").iterdir())
-    expected_data = {"journal": old, "moved": old, "marker": new}[killed_after]
-    assert names == sorted([*expected_data, MARKER, "user.parquet"])
-    assert folder.read_marker().files == expected_data and folder.read_journal() is None
+def test_a_run_killed_mid_commit_leaves_whole_versions_and_the_next_run_repairs_it(lake, tmp_path, monkeypatch):
+    """The driver dies after committing one partition and while writing the next one's files: readers get
+    the new version of the first and the previous version of the second, whole; the files the dead commit
+    wrote are in no version; the next `--resume` scores only the second, and every row is there once."""
+    data, out = tmp_path / "lake", tmp_path / "out"
+    first = {folder: write_shard(data / folder / "a.parquet", [f"{folder}-{i}" for i in range(3)]) for folder in "de"}
+    passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
+    version = delta.open_table(str(out), {}).version()
+    new = {folder: write_shard(data / folder / "b.parquet", [f"{folder}-new"]) for folder in "de"}
+    replace_rows = delta.replace_rows
 
+    def dies_on_the_second_partition(uri, options, data, **kwargs):
+        if "'e'" not in kwargs["predicate"]:
+            return replace_rows(uri, options, data, **kwargs)
+        staged = next((out / STAGING).rglob("*.parquet"))  # a real data file, as delta-rs writes before its log entry
+        shutil.copy(staged, out / "partition=e" / "part-00000-of-a-commit-never-logged.parquet")
+        raise SystemExit("killed")
 
-def _marker(files: list[str]) -> dict:
-    return {"format_version": 1, "detector_id": "x", "inputs": [], "files": files, "rows": 1, "errors": 0}
+    monkeypatch.setattr(score_table, "replace_rows", dies_on_the_second_partition)
+    with pytest.raises(SystemExit):
+        passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig(), resume=True)
+    monkeypatch.undo()
+    assert delta.open_table(str(out), {}).version() == version + 1
+    assert ids_by_folder(out) == {"d": Counter(first["d"] + new["d"]), "e": Counter(first["e"])}
+    resumed = passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig(), resume=True)
+    assert [p.folder for p in resumed.skipped] == ["d"] and resumed.rows == 4
+    assert ids_by_folder(out) == {folder: Counter(first[folder] + new[folder]) for folder in "de"}
 
 
 def test_partitions_are_selected_by_glob(lake, tmp_path):
@@ -233,7 +224,7 @@ def test_an_unreadable_shard_is_named_and_every_other_shard_is_still_scored(lake
     assert "not a readable Parquet file" in str(failure.value)
     assert ids_by_folder(tmp_path / "out") == {"date=1": Counter(good), "date=2": Counter(other)}
     assert [p.status for p in failure.value.summary.partitions] == ["committed", "committed", "failed"]
-    (data / "date=1" / "x.parquet").unlink()  # the marker covers only the readable shard: nothing to redo
+    (data / "date=1" / "x.parquet").unlink()  # the lineage covers only the readable shard: nothing to redo
     (data / "date=3" / "y.parquet").unlink()
     again = passes.score(lake["detector"], str(data), str(tmp_path / "out"), passes.PipelineConfig(), resume=True)
     assert [p.status for p in again.partitions] == ["skipped", "skipped"]
@@ -261,16 +252,18 @@ def test_rows_out_that_differ_from_rows_in_fail_and_keep_the_previous_version(la
     data, out = tmp_path / "lake", tmp_path / "out"
     write_shard(data / "d" / "a.parquet", ["a0", "a1", "a2"])
     passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
-    previous = (out / "d" / MARKER).read_text()
+    table = ScoreTable(str(out))
+    version = delta.open_table(table.uri, {}).version()
     short = tmp_path / "staged.parquet"
-    pq.write_table(read_committed(str(out / "d")).slice(0, 2), short)
-    folder = OutputFolder(LocalFileSystem(), str(out / "d"))
+    pq.write_table(read_scores(str(out)).select(schema.score_schema().names).slice(0, 2), short)
     partition = list_partitions(str(data))[0]
-    detector = DetectorArtifact.load(lake["detector"])
-    marker = Marker(detector.detector_id, [], [], 0, 0, run="run")
-    result = score_pass._commit(partition, folder, [str(short)], 3, marker, max_error_fraction=0.5)
+    lineage = Lineage(DetectorArtifact.load(lake["detector"]).detector_id, [], False)
+    commit = score_pass.Commit(table, lineage, "run", table.committed()["d"])
+    result = score_pass._commit(partition, commit, [str(short)], 3, max_error_fraction=0.5)
     assert result.status == "failed" and "2 rows scored from 3 rows in" in result.reason
-    assert (out / "d" / MARKER).read_text() == previous and ids_by_folder(out)["d"] == Counter(["a0", "a1", "a2"])
+    assert delta.open_table(table.uri, {}).version() == version and ids_by_folder(out)["d"] == Counter(
+        ["a0", "a1", "a2"]
+    )
 
 
 def test_the_actor_pool_may_hold_every_cpu(lake, tmp_path):

@@ -1,61 +1,36 @@
-"""Storage faults on a real S3 endpoint on loopback (moto's server, stopped and restarted as an outage):
-bounded retries, one clear failure, and readers that see one whole version of a partition, never a mix."""
+"""Storage faults on a real S3 endpoint on loopback (moto's server behind a proxy that goes down and comes
+back, as an outage): bounded retries, one clear failure, and a commit cut by an outage that leaves the
+previous version whole."""
 
 import json
 import threading
 import time
 
-import pyarrow as pa
 import pytest
-import s3fs
-from moto.server import ThreadedMotoServer
+from conftest import SCORE_ROWS, commit_scores, read_scores
+from loopback_s3 import LoopbackS3
 
 from fimood.cli import main
-from fimood.lake.commit import MARKER, Marker, OutputFolder, read_committed
-from fimood.lake.tables import parquet_bytes
+from fimood.lake.score_table import ScoreTable
 from fimood.storage import RETRY_SECONDS_ENV, StorageUnavailable, read_bytes, write_bytes
 
 SECRET = "secret-that-must-never-be-printed-0815"
-ROWS_PER_FILE, FILES_PER_VERSION = 50, 3
 
 
-class Store:
-    """A moto S3 server that can go down and come back on the same port, its objects kept."""
-
-    def __init__(self):
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-        self.server.start()
-        self.host, self.port = self.server.get_host_and_port()
-        # The client's own retries kept short, so the tests measure fimood's.
-        self.options = {
-            "key": "testing-key",
-            "secret": SECRET,
-            "client_kwargs": {"endpoint_url": f"http://{self.host}:{self.port}", "region_name": "us-west-2"},
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
-            "skip_instance_cache": True,
-        }
-
-    def fs(self) -> s3fs.S3FileSystem:
-        return s3fs.S3FileSystem(**self.options)
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def start(self) -> None:
-        self.server = ThreadedMotoServer(ip_address=self.host, port=self.port)
-        self.server.start()
+@pytest.fixture(scope="module")
+def loopback():
+    store = LoopbackS3(SECRET, outages=True, client_retries=False)
+    yield store
+    store.close()
 
 
 @pytest.fixture
-def store():
-    """A fresh bucket: moto keeps its objects for the life of the process, across servers."""
-    store = Store()
-    fs = store.fs()
-    if fs.exists("faults"):
-        fs.rm("faults", recursive=True)
-    fs.mkdir("faults")
-    yield store
-    store.stop()
+def store(loopback):
+    """The store up, with a fresh bucket."""
+    if loopback.proxy.poll() is not None:
+        loopback.start()
+    loopback.bucket("faults")
+    return loopback
 
 
 def test_an_outage_shorter_than_the_retry_time_is_ridden_out(store, monkeypatch):
@@ -100,75 +75,25 @@ def test_the_cli_says_the_storage_is_unavailable_in_one_line_after_its_retries(s
 
 
 def test_a_commit_cut_by_an_outage_keeps_the_previous_version(store, monkeypatch):
-    """The store goes down while the new files move in: the commit fails clearly; readers get the previous
-    version meanwhile and after the store is back; `recover` restores it whole, marker included."""
+    """The store goes down as a partition's new version is committed: the commit fails with one clear
+    error after the retry time, and readers get the previous version, whole, once the store is back."""
+    table = ScoreTable("s3://faults/out", store.options)
+    commit_scores(table, ["date=1"], version=1)
     monkeypatch.setenv(RETRY_SECONDS_ENV, "2")
-    fs = store.fs()
-    folder = OutputFolder(fs, "faults/out/date=1")
-    folder.commit(_stage(fs, "faults/staged-1", version=1), _marker("run1"))
-    staged = _stage(fs, "faults/staged-2", version=2)
-    moves = []
-    original_mv = fs.mv
+    table = ScoreTable("s3://faults/out", store.options)  # its retry time read anew
+    replace = table.replace
 
-    def mv_then_outage(source, target, **kwargs):
-        original_mv(source, target, **kwargs)
-        moves.append(target)
-        if len(moves) == 1:
-            store.stop()
+    def outage_then_replace(*args):
+        store.stop()
+        replace(*args)
 
-    monkeypatch.setattr(fs, "mv", mv_then_outage)
-    with pytest.raises(StorageUnavailable):
-        OutputFolder(fs, "faults/out/date=1").commit(staged, _marker("run2"))
+    monkeypatch.setattr(table, "replace", outage_then_replace)
+    with pytest.raises(StorageUnavailable, match="did not answer") as error:
+        commit_scores(table, ["date=1"], version=2)
     store.start()
-    monkeypatch.setattr(fs, "mv", original_mv)
-    assert not fs.exists(f"faults/out/date=1/{MARKER}")  # cut between removing the marker and writing the new one
-    assert _versions(read_committed("s3://faults/out", store.options)) == {1}
-    folder.recover()
-    assert folder.read_marker().run == "run1" and _versions(read_committed("s3://faults/out", store.options)) == {1}
-    names = sorted(path.rsplit("/", 1)[-1] for path in fs.ls("faults/out/date=1", refresh=True))
-    assert names == sorted([*folder.read_marker().files, MARKER])
-
-
-def test_readers_see_one_whole_version_while_commits_run(store):
-    """A reader loops over `read_committed` while five new versions are committed: every read is one whole
-    version (all its rows, one version number), never a mix and never an empty partition."""
-    fs = store.fs()
-    folder = OutputFolder(fs, "faults/out/date=1")
-    folder.commit(_stage(fs, "faults/staged-1", version=1), _marker("run1"))
-    seen, done = [], threading.Event()
-
-    def read_until_done():
-        while not done.is_set():
-            table = read_committed("s3://faults/out", store.options)
-            seen.append((table.num_rows, frozenset(table.column("version").to_pylist())))
-
-    reader = threading.Thread(target=read_until_done)
-    reader.start()
-    for version in range(2, 7):
-        folder.commit(_stage(fs, f"faults/staged-{version}", version=version), _marker(f"run{version}"))
-    done.set()
-    reader.join()
-    assert len(seen) >= 5 and len({versions for _, versions in seen}) >= 2
-    assert all(rows == ROWS_PER_FILE * FILES_PER_VERSION and len(versions) == 1 for rows, versions in seen), seen
-
-
-def _stage(fs, prefix: str, version: int) -> list[str]:
-    paths = []
-    for index in range(FILES_PER_VERSION):
-        rows = [{"id": f"{index}-{row}", "version": version} for row in range(ROWS_PER_FILE)]
-        path = f"{prefix}/{index:05d}.parquet"
-        fs.pipe_file(path, parquet_bytes(pa.Table.from_pylist(rows)))
-        paths.append(path)
-    return paths
-
-
-def _marker(run: str) -> Marker:
-    return Marker("detector", [], [], ROWS_PER_FILE * FILES_PER_VERSION, 0, run=run)
-
-
-def _versions(table: pa.Table) -> set[int]:
-    assert table.num_rows == ROWS_PER_FILE * FILES_PER_VERSION
-    return set(table.column("version").to_pylist())
+    assert SECRET not in str(error.value)
+    rows = read_scores("s3://faults/out", store.options)
+    assert rows.num_rows == SCORE_ROWS and {i.split("-")[0] for i in rows.column("id").to_pylist()} == {"v1"}
 
 
 def test_a_storage_outage_inside_a_ray_task_reaches_the_caller_as_one_line(ray_session):
@@ -217,6 +142,6 @@ def test_a_score_pass_rides_out_an_outage_while_it_writes(store, lake):
     finally:
         done.set()
         thread.join()
-    table = read_committed("s3://faults/out", store.options)
+    table = read_scores("s3://faults/out", store.options)
     assert outages, "the store went down while the run was under way"
     assert summary.rows == table.num_rows == 120 and sorted(table.column("id").to_pylist()) == sorted(mnist.ids)

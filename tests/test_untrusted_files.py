@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import small_detector, tiny_glow
 
-from fimood.lake.commit import JOURNAL, MARKER, read_committed
+from fimood.lake.score_table import read_scores
 from fimood.method.detector import DetectorArtifact
 from fimood.models import DDPM, load_model, save_model
 from fimood.monitor.history import read_history
@@ -91,13 +91,14 @@ def test_a_pickle_planted_under_a_loaded_name_is_refused_and_never_run(tmp_path,
 
 def test_pickles_planted_in_an_output_and_a_history_are_refused_and_never_run(tmp_path):
     sentinel = tmp_path / "payload-ran"
-    for name in (MARKER, JOURNAL):
-        out = tmp_path / f"out-{name}"
-        plant(out / "date=1" / name, sentinel)
-        with pytest.raises(ValueError):
-            read_committed(str(out))
-    plant(tmp_path / "history" / "stream=x" / "date=1.parquet", sentinel)
-    with pytest.raises(Exception, match="Parquet"):
+    plant(tmp_path / "delta" / "_delta_log" / "00000000000000000000.json", sentinel)  # a table's first version
+    with pytest.raises(Exception, match=r"(?i)json|parse|invalid"):
+        read_scores(str(tmp_path / "delta"))
+    plant(tmp_path / "legacy" / "date=1" / "_SUCCESS", sentinel)  # an output of fimood 0.2, never opened
+    with pytest.raises(ValueError, match=r"fimood 0\.2"):
+        read_scores(str(tmp_path / "legacy"))
+    plant(tmp_path / "history" / "stream=x" / "0123456789abcdef0123.parquet", sentinel)  # a row file of fimood 0.2
+    with pytest.raises(ValueError, match=r"fimood 0\.2"):
         read_history(str(tmp_path / "history"), "x")
     assert not sentinel.exists()
 

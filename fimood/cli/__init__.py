@@ -28,6 +28,7 @@ from fimood.cli import (
     train,
 )
 from fimood.cli.options import UsageError, add_storage_options
+from fimood.lake.delta import ConcurrentWriters
 from fimood.storage import StorageUnavailable
 
 COMMANDS: dict[str, ModuleType] = {
@@ -92,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"fimood {args.command}: storage unavailable: {error}", file=sys.stderr)
+        return 1
+    except ConcurrentWriters as error:
+        if args.verbose:
+            raise
+        print(f"fimood {args.command}: another run at once: {error}", file=sys.stderr)
         return 1
 
 

@@ -22,5 +22,6 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(DemoConfig(out=args.out, preset=args.preset, train_steps=args.train_steps, engine=args.engine))
     print(result.report())
     print(f"\nscored MNIST through the pipeline: {result.score}; score table under {args.out}/scores/mnist")
+    print(result.read_back_line())
     print(f"\n{result.monitor}\nreport: {args.out}/monitor/report/index.html")
     return 0

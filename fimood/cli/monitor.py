@@ -7,6 +7,7 @@ import importlib.util
 import sys
 
 from fimood.cli.options import UsageError, add_pipeline_options, pipeline_config
+from fimood.lake.delta import ConcurrentWriters
 from fimood.storage import StorageUnavailable
 
 HELP = "nightly dataset-shift monitoring: per-partition tests under a false-alarm budget, history, HTML report"
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         result = run_monitor(config)
-    except (ValueError, FileNotFoundError, PermissionError, StorageUnavailable) as error:
+    except (ValueError, FileNotFoundError, PermissionError, StorageUnavailable, ConcurrentWriters) as error:
         print(f"fimood monitor: could not run: {error}", file=sys.stderr)
         return EXIT_COULD_NOT_RUN
     report = result.report_page or f"NOT WRITTEN: {result.report_error}"

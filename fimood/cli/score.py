@@ -1,4 +1,4 @@
-"""fimood score: write per-row OOD scores, each input folder into the same folder of the output."""
+"""fimood score: write per-row OOD scores into the score table, each input folder its own partition."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import sys
 
 from fimood.cli.options import add_pipeline_options, pipeline_config
 
-HELP = "write per-row OOD scores, each input folder committed whole into the same output folder (Ray pipeline)"
+HELP = "write per-row OOD scores into a Delta table, each input folder one partition committed whole (Ray pipeline)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector", required=True, help="detector folder URL")
     parser.add_argument("--data", required=True, help="rows to score: a Parquet file or folder (any layout)")
-    parser.add_argument("--out", required=True, help="output folder URL (not inside the data, nor containing it)")
     parser.add_argument(
-        "--resume", action="store_true", help="skip folders committed by this detector from the same input shards"
+        "--out", required=True, help="the score table's URL, a Delta table (not inside the data, nor containing it)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip partitions committed by this detector from the same input shards"
     )
     parser.add_argument(
         "--partitions",

@@ -1,16 +1,17 @@
 """The score table's schema, declared once: the product's main output, one row per input row.
 
-The score pass writes it (its actors build each batch with `score_schema`), the commit counts its
-rows and errors, the monitor's summaries and `fimood.read_committed` read it, and a test compares a
-written table with it exactly. Every file carries its version in the Parquet schema's metadata.
-A committed table read with its folders as Hive partitions adds their keys (`date`, ...) as columns.
+The score pass's actors build each batch with `score_schema`; the commit adds the partition and
+what the rows were scored from, giving `table_schema`, the columns of the Delta table every reader
+sees (`fimood.lake.score_table`); a test compares a written table with it exactly. Every staged
+file carries the schema's version in its Parquet metadata, every commit in its commit info, and the
+table in its description.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCORE_SCHEMA_VERSION = 1
+SCORE_SCHEMA_VERSION = 2  # 2: a Delta table, with `partition`, `fimood_version` and `lineage_id`
 METADATA = {b"fimood.table": b"scores", b"fimood.schema_version": str(SCORE_SCHEMA_VERSION).encode()}
 
 ID = "id"  # the row's id: its id column, else `<shard path>#<row>` (or the image file's path)
@@ -21,6 +22,9 @@ NLL = "nll"  # the model's negative log-likelihood, in its `nll_unit`
 ERROR = "error"  # why the row could not be scored; null when it was
 DETECTOR_ID = "detector_id"  # content hash of the detector that scored it
 Z_SCORES = "z_scores"  # per kept feature, (f − μ)/σ; only with `fimood score --z-scores` (the monitor)
+PARTITION = "partition"  # the input folder the row came from, relative to the data URL ('.' for the URL itself)
+FIMOOD_VERSION = "fimood_version"  # the fimood that committed the row
+LINEAGE_ID = "lineage_id"  # sha256 of what its partition was scored from: `_fimood/lineage/<id>.json` in the table
 
 _FIELDS = [
     pa.field(ID, pa.string()),
@@ -43,3 +47,16 @@ def score_schema(z_scores: bool = False) -> pa.Schema:
     """The columns of a score table, in order, with their types (and `z_scores` when asked for)."""
     fields = _FIELDS + ([pa.field(Z_SCORES, parquet_list(pa.float64()))] if z_scores else [])
     return pa.schema(fields, metadata=METADATA)
+
+
+def table_schema() -> pa.Schema:
+    """The columns of the committed score table, as every Delta reader sees them (Delta keeps no schema
+    metadata). `partition` is its Delta partition column; `z_scores` is null unless the run asked for them."""
+    return pa.schema(
+        [
+            pa.field(PARTITION, pa.string()),
+            *score_schema(z_scores=True),
+            pa.field(FIMOOD_VERSION, pa.string()),
+            pa.field(LINEAGE_ID, pa.string()),
+        ]
+    )

@@ -1,28 +1,40 @@
-"""The monitor's history: one Parquet file per (partition, stream), a table any Parquet reader opens.
+"""The monitor's history: one Delta table, one row per (stream, partition), that any Delta reader opens.
 
-    <history>/stream=<name>/<hash of the partition's folder>.parquet   (one row: summary and verdicts)
+    <history>/_delta_log/ ...  <history>/stream=<name>/*.parquet
 
 A stream is what the monitor's lifetime budget runs over (one monitored dataset with one detector,
-or a name the user gives). Re-running a night rewrites its partitions' files whole (one atomic write
-each), so a partition never appears twice; runs for different nights write different files, so
-neither loses the other's rows. The folder reads as one table, with `stream` as a Hive partition
-column, e.g. `pyarrow.dataset.dataset(url, partitioning="hive")`. Histories written before schema 3
-were kept per detector (`detector=<id>/`); a stream starts without them.
+or a name the user gives). A night's rows replace that stream's rows of the same partitions in one
+commit, so a partition never appears twice and a reader gets the history before the night or after
+it, whole; monitors writing other nights at the same time keep each other's rows (a commit that
+loses the race is tried again on the new version). Histories of fimood 0.2 (one Parquet file per
+row, no `_delta_log`) are refused in one line.
 """
 
 from __future__ import annotations
 
-import hashlib
+from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
 
+from fimood.lake.delta import (
+    ConcurrentWriters,
+    delta_location,
+    is_delta_table,
+    open_table,
+    quote,
+    replace_rows,
+    unavailable_in_one_line,
+)
 from fimood.lake.schema import parquet_list
-from fimood.lake.tables import parquet_bytes
 from fimood.monitor.result import PartitionVerdict
-from fimood.storage import StorageOptions, filesystem, join, resilient, write_file
+from fimood.storage import StorageOptions, filesystem, resilient
+from fimood.version import __version__
 
-SCHEMA_VERSION = 3  # 2: `mean_shift`, `layers_p` of every layer's mean; 3: per stream, valid given the reference
+LEGACY_FOLDERS = ("stream=*", "detector=*")  # fimood 0.2's history, by stream (schema 3) or detector (2)
+SCHEMA_VERSION = 4  # 2: `mean_shift`, `layers_p` of every layer's mean; 3: per stream; 4: a Delta table
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -70,33 +82,100 @@ HISTORY_SCHEMA = pa.schema(
 )
 
 
-def history_file(stream: str, partition: str) -> str:
-    """A row's file, relative to the history's root."""
-    return f"stream={stream}/{hashlib.sha256(partition.encode()).hexdigest()[:20]}.parquet"
+@dataclass(frozen=True)
+class StreamHistory:
+    """A stream's rows as one version of the history had them, and that version's files of the stream."""
+
+    rows: list[dict]
+    files: frozenset[str]
 
 
-def write_history_rows(history_url: str, stream: str, rows: list[dict], storage_options: StorageOptions = None) -> None:
-    """Write (or replace) each row's file; a row is a dict of `HISTORY_SCHEMA`'s columns (missing ones null).
-
-    Every file has the same columns and types, empty lists included, so the folder reads as one table.
-    """
-    fs, root = filesystem(history_url, storage_options)
-    for row in rows:
-        table = pa.Table.from_pylist([{**row, "schema_version": SCHEMA_VERSION}], schema=HISTORY_SCHEMA)
-        write_file(fs, join(root, history_file(stream, row["partition"])), parquet_bytes(table))
+def read_stream(history_url: str, stream: str, storage_options: StorageOptions = None) -> StreamHistory:
+    """Every row kept for `stream`, in partition order (none when the history is new), and what a write
+    made on them checks: that no other monitor wrote the stream since."""
+    table = open_table(*_location(history_url, storage_options))
+    if table is None:
+        return StreamHistory([], frozenset())
+    with unavailable_in_one_line(f"read {history_url}"):
+        rows = table.to_pyarrow_dataset().to_table(filter=pads.field("stream") == stream).to_pylist()
+    return StreamHistory(sorted(rows, key=lambda row: row["partition"]), _stream_files(table, stream))
 
 
 def read_history(history_url: str, stream: str, storage_options: StorageOptions = None) -> list[dict]:
     """Every row kept for `stream`, in partition order (none when the history is new)."""
-    fs, root = filesystem(join(history_url, f"stream={stream}"), storage_options)
-    fs = resilient(fs)
-    if not fs.exists(root):
-        return []
-    rows = []
-    for path in sorted(fs.glob(f"{root}/*.parquet")):
-        with fs.open(path, "rb") as handle:
-            rows.extend(pq.read_table(handle).to_pylist())
-    return sorted(rows, key=lambda row: row["partition"])
+    return read_stream(history_url, stream, storage_options).rows
+
+
+def write_history_rows(
+    history_url: str,
+    stream: str,
+    rows: list[dict],
+    storage_options: StorageOptions = None,
+    read: StreamHistory | None = None,
+) -> None:
+    """Write (or replace) the stream's rows of these partitions, in one commit; a row is a dict of
+    `HISTORY_SCHEMA`'s columns (missing ones null).
+
+    Given `read` (what the rows were decided on), the write is made only if no other monitor wrote the
+    stream since: else the decision would rest on a past it did not see, and `ConcurrentWriters` says
+    so in one line (run the night again). Without it, rows of other partitions are simply kept.
+    """
+    if not rows:
+        return
+    uri, options = _location(history_url, storage_options)
+    table = pa.Table.from_pylist(
+        [{**row, "stream": stream, "schema_version": SCHEMA_VERSION} for row in rows], schema=HISTORY_SCHEMA
+    )
+
+    def rows_for(version: DeltaTable | None) -> pa.Table:
+        if read is not None and _stream_files(version, stream) != read.files:
+            raise ConcurrentWriters(
+                f"{history_url}: another monitor wrote stream {stream!r} since this one read its history; its "
+                "nights are kept and this night's verdicts are not written: run this night again"
+            )
+        return table
+
+    partitions = ", ".join(quote(row["partition"]) for row in rows)
+    replace_rows(
+        uri,
+        options,
+        rows_for,
+        predicate=f"stream = {quote(stream)} AND partition IN ({partitions})",
+        partition_by=["stream"],
+        metadata={"fimood.stream": stream, "fimood.version": __version__, "fimood.schema_version": str(SCHEMA_VERSION)},
+        name="fimood monitor history",
+        description=f"fimood monitor history, schema version {SCHEMA_VERSION}: one row per (stream, partition)",
+    )
+
+
+def _stream_files(table: DeltaTable | None, stream: str) -> frozenset[str]:
+    if table is None:
+        return frozenset()
+    with unavailable_in_one_line("read the history's log"):
+        files = pa.table(table.get_add_actions(flatten=True))
+    if not files.num_rows:
+        return frozenset()
+    mine = pc.equal(files.column("partition.stream"), stream)
+    return frozenset(files.filter(mine).column("path").to_pylist())
+
+
+def check_history(history_url: str, storage_options: StorageOptions = None) -> None:
+    """Refuse, in one line, a history this fimood cannot keep (one of fimood 0.2)."""
+    _location(history_url, storage_options)
+
+
+def _location(history_url: str, storage_options: StorageOptions) -> tuple[str, dict[str, str]]:
+    """The history's Delta location, after refusing a history of fimood 0.2 in one line."""
+    fs, root = filesystem(history_url, storage_options)
+    fs, root = resilient(fs), root.rstrip("/")
+    legacy = fs.exists(root) and not is_delta_table(fs, root)  # (a new table's data lands before its log)
+    found = [path for folder in LEGACY_FOLDERS for path in fs.glob(f"{root}/{folder}/*.parquet")] if legacy else []
+    if any(not path.rsplit("/", 1)[-1].startswith("part-") for path in found):  # delta-rs names its files part-*
+        raise ValueError(
+            f"{history_url} is a monitor history of fimood 0.2 (a Parquet file per row), not a Delta table; "
+            "give the monitor a new --history (its lifetime budget starts again there)"
+        )
+    return delta_location(history_url, storage_options)
 
 
 def history_row(

@@ -30,7 +30,7 @@ from fimood.method.shift import (
     large_effect,
     shift_tests,
 )
-from fimood.monitor.history import history_row, read_history, write_history_rows
+from fimood.monitor.history import check_history, history_row, read_stream, write_history_rows
 from fimood.monitor.report import write_monitor_report
 from fimood.monitor.result import REFERENCE_DOMINATES, MonitorResult, PartitionVerdict
 from fimood.passes import PipelineConfig, ScoringFailed, score, start_ray
@@ -105,6 +105,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     )
     if not listed:
         raise ValueError(f"{config.data}: no partitions to monitor (nothing matches {list(config.partitions)})")
+    check_history(config.history, config.pipeline.storage_options)  # a history it cannot write: before any work
 
     stages.start(f"score the partitions without a current score table ({len(listed)} selected)")
     failed, unreadable = {}, {}
@@ -163,11 +164,8 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tested = [v for v in verdicts if v.tests is not None]
     tested_names = {v.partition for v in tested}
-    earlier = [
-        row
-        for row in read_history(config.history, stream, config.pipeline.storage_options)
-        if row["partition"] not in tested_names
-    ]
+    history = read_stream(config.history, stream, config.pipeline.storage_options)  # the budget's past nights
+    earlier = [row for row in history.rows if row["partition"] not in tested_names]
     _decide(tested, earlier, config)
     if tested and any(v.guarantee.reference_dominates for v in tested):
         logger.warning("monitor: %s", REFERENCE_DOMINATES)
@@ -176,7 +174,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     rows = [
         history_row(v, detector.detector_id, stream, config.budget.describe(), config.min_excess, now) for v in tested
     ]
-    write_history_rows(config.history, stream, rows, config.pipeline.storage_options)
+    write_history_rows(config.history, stream, rows, config.pipeline.storage_options, read=history)
     result = MonitorResult(
         detector.detector_id,
         reference,

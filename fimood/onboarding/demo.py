@@ -6,9 +6,12 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from fimood import passes
 from fimood.evaluation import EvaluationRow, evaluate, format_table, write_json
+from fimood.lake import schema
+from fimood.lake.score_table import read_scores
 from fimood.lake.tables import read_image_parquet, write_image_parquet
 from fimood.models.training import TrainConfig
 from fimood.monitor import MonitorConfig, MonitorResult, run_monitor
@@ -40,7 +43,16 @@ class DemoResult:
     train: TrainSummary
     rows: list[EvaluationRow]
     score: passes.ScoreSummary
+    score_table: str  # where the score table is: a Delta table
+    read_back: pa.Table  # its `id` and `is_ood` columns, read back through the Delta reader
     monitor: MonitorResult
+
+    def read_back_line(self) -> str:
+        flagged = sum(self.read_back.column("is_ood").to_pylist(), start=0)
+        return (
+            f"read back as a Delta table: {self.read_back.num_rows} rows, {flagged} flagged OOD; in DuckDB: "
+            f"SELECT * FROM delta_scan('{self.score_table}')"
+        )
 
     def report(self) -> str:
         return (
@@ -116,7 +128,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
         {"test_nll": trained.test_nll, "train_steps": trained.steps},
     )
     stages.start("score MNIST (Ray pipeline)")
-    scored = passes.score(detector_url, data["mnist"], join(config.out, "scores", "mnist"), run)
+    score_table = join(config.out, "scores", "mnist")
+    scored = passes.score(detector_url, data["mnist"], score_table, run)
+    read_back = read_scores(score_table, columns=[schema.ID, schema.IS_OOD])
     stages.start("monitor a week of nightly partitions, the last three with 20% MNIST (Ray pipeline)")
     monitored = MonitorConfig(
         detector=detector_url,
@@ -126,4 +140,4 @@ def run_demo(config: DemoConfig) -> DemoResult:
         report=join(config.out, "monitor", "report"),
         pipeline=run,
     )
-    return DemoResult(train=trained, rows=rows, score=scored, monitor=run_monitor(monitored))
+    return DemoResult(trained, rows, scored, score_table, read_back, run_monitor(monitored))

@@ -1,12 +1,13 @@
 """The score pass: every selected input folder's rows through one dataset and one actor pool, staged by
-partition, then each partition committed whole into the same folder of the output (`fimood.lake.commit`)."""
+partition, then each partition committed whole, as one Delta commit, into the score table at the
+output (`fimood.lake.score_table`)."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -16,8 +17,10 @@ from ray.data import Datasink
 from ray.data.block import BlockAccessor
 
 from fimood.lake import schema
-from fimood.lake.commit import Marker, OutputFolder, Staging
+from fimood.lake.delta import ConcurrentWriters
+from fimood.lake.score_table import Committed, Lineage, ScoreTable
 from fimood.lake.sources import Partition, list_partitions, plan_reads
+from fimood.lake.staging import Staging
 from fimood.lake.tables import parquet_bytes
 from fimood.method.detector import load_detector
 from fimood.passes.actors import IO_TASKS_PER_ACTOR, ScoreActor, check_strict, feature_rows
@@ -35,7 +38,7 @@ class PartitionResult:
 
     folder: str
     status: str  # "committed", "skipped" (already committed from the same inputs by the same detector) or "failed"
-    rows_in: int = 0
+    rows_in: int = 0  # for a skipped partition: unknown (0); its rows are not read
     rows: int = 0  # rows in the committed output, read back after the commit
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     reason: str = ""  # why it failed
@@ -125,19 +128,20 @@ def score(
     z_scores: bool = False,
     partitions: Sequence[str] = (),
 ) -> ScoreSummary:
-    """Score the rows of `data_url` into `out_url`, each input folder into the same folder of the output.
+    """Score the rows of `data_url` into the score table at `out_url`, each input folder its own partition.
 
     Every selected partition's rows go through one dataset and one actor pool, are staged, and each
-    partition is then committed whole (`fimood.lake.commit`), replacing only what fimood wrote there
-    before. `resume` skips a partition whose committed version was made by the same detector from
-    the same input shards (path, size, version); a new, changed or removed shard scores it again.
+    partition is then committed whole, as one Delta commit replacing its previous version
+    (`fimood.lake.score_table`). `resume` skips a partition whose committed version was made by the
+    same detector from the same input shards (path, size, version); a new, changed or removed shard
+    scores it again. Runs at once over the same output each commit whole partitions; the last wins.
 
     Args:
         partitions: globs of input folders to score (`date=2026-11-*`); empty: every folder.
     Raises:
         ScoringFailed: after committing the others, when a partition's rows out differ from its
             rows in, or its error fraction is above `config.max_error_fraction`, or a shard cannot
-            be read at all (its partition is committed from its other shards, and its marker lists
+            be read at all (its partition is committed from its other shards, and its lineage lists
             only those, so the next `resume` scores the partition again).
     """
     start = time.perf_counter()
@@ -147,14 +151,14 @@ def score(
     check_strict(model, config)
     listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
     fs, out_root = filesystem(out_url, config.storage_options)
-    folders = {p.folder: OutputFolder.under(fs, out_root, p.folder) for p in listed}
+    table = ScoreTable(out_url, config.storage_options)
+    table.check()
+    planned = table.committed()  # each partition's version now: a commit replaces this one, or none
     results, todo = [], []
     for partition in listed:
-        folder = folders[partition.folder]
-        folder.recover()
-        marker = folder.read_marker()
-        if resume and marker is not None and marker.covers(detector.detector_id, _inputs(partition), z_scores):
-            results.append(PartitionResult(partition.folder, "skipped", marker.rows, marker.rows))
+        lineage = Lineage(detector.detector_id, _inputs(partition), z_scores)
+        if resume and lineage.covered_by(planned.get(partition.folder)):
+            results.append(PartitionResult(partition.folder, "skipped"))
         else:
             todo.append(partition)
     if todo:
@@ -183,20 +187,13 @@ def score(
                     reason = "no shard can be read; the previous version is kept"
                     results.append(PartitionResult(partition.folder, "failed", reason=reason, unreadable=unreadable))
                     continue
-                marker = Marker(
-                    detector.detector_id,
-                    _inputs(partition, unreadable),
-                    files=[],
-                    rows=0,
-                    errors=0,
-                    z_scores=z_scores,
-                    run=staging.run,
-                )
+                lineage = Lineage(detector.detector_id, _inputs(partition, unreadable), z_scores)
                 staged = sink.written.get(index, [])
-                folder = folders[partition.folder]
-                result = _commit(partition, folder, staged, plan.rows[index], marker, config.max_error_fraction)
+                commit = Commit(table, lineage, staging.run, planned.get(partition.folder))
+                result = _commit(partition, commit, staged, plan.rows[index], config.max_error_fraction)
                 result.unreadable = unreadable
                 results.append(result)
+        table.vacuum()
     results.sort(key=lambda result: result.folder)
     summary = ScoreSummary(results, time.perf_counter() - start)
     if summary.failed or summary.unreadable:
@@ -240,17 +237,23 @@ def _inputs(partition: Partition, left_out: dict[str, str] | None = None) -> lis
     return [shard.as_dict() for shard in partition.shards if shard.path not in (left_out or {})]
 
 
+@dataclass(frozen=True)
+class Commit:
+    """Where a partition's rows go, what they were scored from, by which run, over which version."""
+
+    table: ScoreTable
+    lineage: Lineage
+    run: str
+    planned: Committed | None  # the partition's version when the run planned; only it may be replaced
+
+
 def _commit(
-    partition: Partition,
-    folder: OutputFolder,
-    staged: list[str],
-    rows_in: int,
-    marker: Marker,
-    max_error_fraction: float,
+    partition: Partition, commit: Commit, staged: list[str], rows_in: int, max_error_fraction: float
 ) -> PartitionResult:
-    """Commit one partition's staged files under `marker` (its rows and errors filled in here), unless its
-    rows or errors say something went wrong."""
-    rows, reasons, _ = _count(folder.fs, staged)
+    """Commit one partition's staged files as its new version, unless its rows or errors say something went
+    wrong, or another run committed it since this one planned; then count what the table holds for it."""
+    table = commit.table
+    rows, reasons, _ = _count_files(table.fs, staged)
     errors = sum(reasons.values())
     result = PartitionResult(partition.folder, "failed", rows_in, rows, reasons)
     if rows != rows_in:
@@ -259,9 +262,13 @@ def _commit(
     if errors > max_error_fraction * rows:
         result.reason = f"{count_errors(reasons)} in {rows} rows, above the max error fraction {max_error_fraction}"
         return result
-    committed = folder.commit(staged, replace(marker, rows=rows, errors=errors))
-    files = [f"{folder.path}/{name}" for name in committed.files]
-    result.rows, result.errors_by_reason, result.duplicate_ids = _count(folder.fs, files)
+    try:
+        table.replace(partition.folder, staged, commit.lineage, commit.run, commit.planned)
+    except ConcurrentWriters as error:
+        result.reason = str(error)
+        return result
+    committed = table.read([partition.folder], columns=[schema.ID, schema.ERROR])
+    result.rows, result.errors_by_reason, result.duplicate_ids = _count(committed)
     if result.rows != rows_in:
         result.reason = f"{result.rows} rows committed from {rows_in} rows in"
         return result
@@ -269,17 +276,21 @@ def _commit(
     return result
 
 
-def _count(fs, paths: list[str]) -> tuple[int, dict[str, int], int]:
-    """Rows in these score files, their errors counted by reason, and how many rows repeat an earlier
-    row's id (only the `id` and `error` columns are read)."""
-    rows, reasons, id_chunks = 0, Counter(), []
+def _count_files(fs, paths: list[str]) -> tuple[int, dict[str, int], int]:
+    """`_count` of these score files (only their `id` and `error` columns are read)."""
+    tables = []
     for path in paths:
         with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=[schema.ID, schema.ERROR])
-        error = table.column(schema.ERROR)
-        rows += len(error)
-        id_chunks += table.column(schema.ID).chunks
-        counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
-        reasons.update({item["values"].as_py(): item["counts"].as_py() for item in counts})
-    distinct = pc.count_distinct(pa.chunked_array(id_chunks, pa.string())).as_py()
-    return rows, dict(reasons), rows - distinct
+            tables.append(pq.read_table(handle, columns=[schema.ID, schema.ERROR]))
+    empty = pa.table({schema.ID: pa.array([], pa.string()), schema.ERROR: pa.array([], pa.string())})
+    return _count(pa.concat_tables(tables) if tables else empty)
+
+
+def _count(table: pa.Table) -> tuple[int, dict[str, int], int]:
+    """Rows in a table of score rows, their errors counted by reason, and how many rows repeat an earlier
+    row's id."""
+    error = table.column(schema.ERROR)
+    counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
+    reasons = {item["values"].as_py(): item["counts"].as_py() for item in counts}
+    distinct = pc.count_distinct(table.column(schema.ID)).as_py()
+    return table.num_rows, reasons, table.num_rows - distinct

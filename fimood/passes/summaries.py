@@ -1,6 +1,7 @@
 """The monitor's reduce: committed score tables → one `PartitionSummary` per partition, in Ray.
 
-Ray Data reads the score files that each partition's commit marker lists; each batch becomes a
+Ray Data reads the data files of each partition's current version in the score table (the files of
+one pinned version, kept for the table's retention); each batch becomes a
 partial summary (and its few most OOD rows); the driver only merges partials, never rows.
 """
 
@@ -17,12 +18,12 @@ import pyarrow.fs
 import ray
 
 from fimood.lake import schema
-from fimood.lake.commit import OutputFolder
 from fimood.lake.images import decode_cells, shape_of
+from fimood.lake.score_table import ScoreTable
 from fimood.lake.sources import Partition, ReadSpec, plan_reads, read_unit
 from fimood.method.shift import PartitionSummary
 from fimood.passes.runtime import storage_errors_in_one_line
-from fimood.storage import StorageOptions, filesystem, join
+from fimood.storage import StorageOptions
 
 TOP_ROWS = 8  # most OOD rows kept per partition, shown as thumbnails when it shifts
 COLUMNS = [schema.ID, schema.OOD_SCORE, schema.ERROR, schema.Z_SCORES]
@@ -42,15 +43,16 @@ def summarise_partitions(
     n_layers: int,
     storage_options: StorageOptions = None,
 ) -> dict[str, SummaryWithExamples]:
-    """Summaries of the committed partitions `folders` of a score output (markers must say z-scores)."""
-    fs, root = filesystem(out_url, storage_options)
-    partition_of = {}
+    """Summaries of the committed partitions `folders` of a score table, scored with z-scores (a partition
+    without rows has none to say so, and an empty summary)."""
+    table = ScoreTable(out_url, storage_options)
+    version = table.snapshot()  # one version for the checks and the files read
+    committed = table.committed(version) if version is not None else {}
     for folder in folders:
-        output = OutputFolder.under(fs, root, folder)
-        marker = output.read_marker()
-        if marker is None or not marker.z_scores:
-            raise ValueError(f"{join(out_url, folder)}: no committed score table with z-scores to summarise")
-        partition_of.update({join(output.path, name): folder for name in marker.files})
+        if folder in committed and not (committed[folder] and table.lineage(committed[folder].lineage_id)["z_scores"]):
+            raise ValueError(f"{out_url}: partition {folder or '.'!r} has no committed rows with z-scores to summarise")
+    partition_of = table.files(folders, version) if version is not None else {}
+    fs = getattr(table.fs, "fs", table.fs)  # the fsspec filesystem itself, for pyarrow
     results = {
         folder: SummaryWithExamples(PartitionSummary.empty(len(calibration_scores), n_layers)) for folder in folders
     }
