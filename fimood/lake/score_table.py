@@ -133,11 +133,12 @@ class ScoreTable:
         for row in files.select([f"partition.{schema.PARTITION}", *columns]).to_pylist():
             folder = folder_of(row[f"partition.{schema.PARTITION}"])
             found.setdefault(folder, set()).add(tuple(row[column] for column in columns))
-        return {
-            folder: Committed(d, lineage) if len(bounds) == 1 and d == d_max and lineage == l_max else None
-            for folder, bounds in found.items()
-            for (d, d_max, lineage, l_max) in [next(iter(bounds))]
-        }
+        committed = {}
+        for folder, bounds in found.items():
+            (d_min, d_max, l_min, l_max) = next(iter(bounds))
+            whole = len(bounds) == 1 and d_min == d_max and l_min == l_max
+            committed[folder] = Committed(d_min, l_min) if whole else None
+        return committed
 
     def replace(self, folder: str, staged: list[str], lineage: Lineage, run: str, planned: Committed | None) -> bool:
         """Commit the staged score files (full paths) as the partition's new version, if its current version is

@@ -134,7 +134,8 @@ def score(
     partition is then committed whole, as one Delta commit replacing its previous version
     (`fimood.lake.score_table`). `resume` skips a partition whose committed version was made by the
     same detector from the same input shards (path, size, version); a new, changed or removed shard
-    scores it again. Runs at once over the same output each commit whole partitions; the last wins.
+    scores it again. A commit replaces only the version this run planned from: a partition another
+    run committed meanwhile keeps that run's version.
 
     Args:
         partitions: globs of input folders to score (`date=2026-11-*`); empty: every folder.
@@ -282,7 +283,7 @@ def _count_files(fs, paths: list[str]) -> tuple[int, dict[str, int], int]:
     for path in paths:
         with fs.open(path, "rb") as handle:
             tables.append(pq.read_table(handle, columns=[schema.ID, schema.ERROR]))
-    empty = pa.table({schema.ID: pa.array([], pa.string()), schema.ERROR: pa.array([], pa.string())})
+    empty = schema.score_schema().empty_table().select([schema.ID, schema.ERROR])
     return _count(pa.concat_tables(tables) if tables else empty)
 
 
