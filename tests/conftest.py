@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from fimood import passes
 from fimood.lake import schema
-from fimood.lake.score_table import Lineage
+from fimood.lake.score_table import Lineage, PartitionVersion
 from fimood.lake.score_table import read_scores as read_score_table
-from fimood.lake.tables import parquet_bytes, write_image_parquet
+from fimood.lake.tables import write_image_parquet
 from fimood.method.baselines import TypicalityTest
 from fimood.method.detector import DetectorArtifact, DetectorSettings, GradNormDetector
 from fimood.models import Glow, GlowConfig, LikelihoodModel, save_model
@@ -160,11 +160,10 @@ SCORE_ROWS = 40  # per partition, in each version `commit_scores` writes
 
 
 def commit_scores(table, folders: list[str], version: int) -> None:
-    """Commit a version of every partition `folders` names, as the score pass does, from one staged file each;
+    """Commit a version of every partition `folders` names, as the score pass does, from one data file each;
     its ids say the version (`v3-<folder>-<i>`)."""
+    table.create()
     for folder in folders:
-        path = f"{table.root}/_staging/test/v{version}/{folder.replace('/', '_') or 'root'}.parquet"
-        table.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         rows = {
             schema.ID: [f"v{version}-{folder}-{i}" for i in range(SCORE_ROWS)],
             schema.OOD_SCORE: [float(i) for i in range(SCORE_ROWS)],
@@ -174,9 +173,12 @@ def commit_scores(table, folders: list[str], version: int) -> None:
             schema.ERROR: [None] * SCORE_ROWS,
             schema.DETECTOR_ID: ["d" * 64] * SCORE_ROWS,
         }
-        table.fs.pipe_file(path, parquet_bytes(pa.table(rows, schema=schema.score_schema())))
         lineage = Lineage("d" * 64, [{"path": f"v{version}", "size": 0, "version": ""}], False)
-        table.replace(folder, [path], lineage, f"run-{version}", table.committed().get(folder))
+        file = table.write_data_file(folder, pa.table(rows, schema=schema.score_schema()), lineage.lineage_id)
+        planned = table.committed().get(folder)
+        assert table.commit([PartitionVersion(folder, lineage, planned, (file,))], f"run-{version}") == {
+            folder: "committed"
+        }
 
 
 def duckdb_with_delta():

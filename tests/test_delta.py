@@ -14,9 +14,8 @@ from deltalake import write_deltalake
 
 from fimood.cli import main
 from fimood.lake import delta, schema
-from fimood.lake.delta import ConcurrentWriters, delta_location
-from fimood.lake.score_table import Lineage, ScoreTable, read_scores
-from fimood.lake.tables import parquet_bytes
+from fimood.lake.delta import delta_location
+from fimood.lake.score_table import COMMITTED, Lineage, PartitionVersion, ScoreTable, read_scores
 from fimood.storage import RETRY_SECONDS_ENV
 
 
@@ -43,7 +42,7 @@ def test_s3fs_options_become_delta_rs_options_and_its_own_pass_as_they_are(monke
         "aws_conditional_put": "etag",
         "AWS_S3_ALLOW_UNSAFE_RENAME": "false",
     }
-    tuned = delta._tuned(uri, translated)  # what fimood's own calls add: outages ridden out as fimood's are
+    tuned = delta.tuned(uri, translated)  # what fimood's own calls add: outages ridden out as fimood's are
     assert (tuned["retry_timeout"], tuned["max_retries"]) == ("7s", "1000")
 
 
@@ -81,7 +80,8 @@ def test_a_delta_table_that_is_not_a_score_table_is_refused(tmp_path):
         ScoreTable(str(tmp_path / "other")).check()
 
 
-def staged(table: ScoreTable, name: str, ids: list[str]) -> list[str]:
+def new_version(table: ScoreTable, folder: str, name: str, ids: list[str], planned=None) -> PartitionVersion:
+    """A partition's new version from one data file of these ids, as a score run's write task writes it."""
     rows = {
         "id": ids,
         "ood_score": [0.0] * len(ids),
@@ -91,10 +91,14 @@ def staged(table: ScoreTable, name: str, ids: list[str]) -> list[str]:
         "error": [None] * len(ids),
         "detector_id": ["d" * 64] * len(ids),
     }
-    path = f"{table.root}/_staging/test/{name}.parquet"
-    table.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    table.fs.pipe_file(path, parquet_bytes(pa.table(rows, schema=schema.score_schema())))
-    return [path]
+    file = table.write_data_file(folder, pa.table(rows, schema=schema.score_schema()), lineage(name).lineage_id)
+    return PartitionVersion(folder, lineage(name), planned, (file,))
+
+
+def replace(table: ScoreTable, folder: str, name: str, ids: list[str], planned=None) -> str:
+    """What `commit` said of the partition: committed, the same lineage, or why not."""
+    table.create()
+    return table.commit([new_version(table, folder, name, ids, planned)], f"run-{name}")[folder]
 
 
 def lineage(name: str) -> Lineage:
@@ -108,12 +112,11 @@ def test_runs_creating_a_table_at_once_commit_one_version_of_a_partition_never_t
     table, start = ScoreTable(str(tmp_path / "scores")), threading.Barrier(6)
 
     def run(index: int) -> str:
-        files = staged(table, f"run-{index}", [f"run{index}-{i}" for i in range(5)])
+        version = new_version(table, "d", f"run-{index}", [f"run{index}-{i}" for i in range(5)])
         start.wait()
-        try:
-            return "committed" if table.replace("d", files, lineage(f"run-{index}"), f"run-{index}", None) else "same"
-        except ConcurrentWriters:
-            return "stopped"
+        table.create()
+        said = table.commit([version], f"run-{index}")["d"]
+        return said if said == COMMITTED else "stopped" if "another run committed" in said else said
 
     with ThreadPoolExecutor(6) as pool:
         outcomes = list(pool.map(run, range(6)))
@@ -122,16 +125,35 @@ def test_runs_creating_a_table_at_once_commit_one_version_of_a_partition_never_t
     assert len(ids) == 5 and len({i.split("-")[0] for i in ids}) == 1
 
 
+def test_runs_committing_other_partitions_at_once_all_commit(tmp_path):
+    """Six runs commit six partitions at once: each loses races to the others and tries again on the
+    version they made, until every partition is committed once."""
+    table, start = ScoreTable(str(tmp_path / "scores")), threading.Barrier(6)
+    table.create()
+
+    def run(index: int) -> str:
+        version = new_version(table, f"p{index}", f"run-{index}", [f"p{index}-{i}" for i in range(3)])
+        start.wait()
+        return table.commit([version], f"run-{index}")[f"p{index}"]
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(run, range(6))) == [COMMITTED] * 6
+    assert read_scores(str(tmp_path / "scores")).num_rows == 18 and set(table.committed()) == {
+        f"p{i}" for i in range(6)
+    }
+
+
 def test_a_commit_replaces_only_the_version_its_run_planned_from(tmp_path):
     """Run A plans; run B then commits partition d; A's commit of d stops in one line and B's version
     stands. A commit on another partition meanwhile is no conflict."""
     table = ScoreTable(str(tmp_path / "scores"))
-    table.replace("d", staged(table, "v0", ["v0-0"]), lineage("v0"), "run-0", None)
+    assert replace(table, "d", "v0", ["v0-0"]) == COMMITTED
     planned = table.committed()  # run A plans here
-    table.replace("d", staged(table, "b", ["b-0", "b-1"]), lineage("b"), "run-b", planned.get("d"))
-    table.replace("e", staged(table, "e", ["e-0"]), lineage("e"), "run-e", None)
-    with pytest.raises(ConcurrentWriters, match="committed by another run since this one read it"):
-        table.replace("d", staged(table, "a", ["a-0"]), lineage("a"), "run-a", planned.get("d"))
+    assert replace(table, "d", "b", ["b-0", "b-1"], planned.get("d")) == COMMITTED
+    assert replace(table, "e", "e", ["e-0"]) == COMMITTED
+    assert "another run committed partition 'd' since this one read it" in replace(
+        table, "d", "a", ["a-0"], planned.get("d")
+    )
     assert sorted(read_scores(str(tmp_path / "scores")).column("id").to_pylist()) == ["b-0", "b-1", "e-0"]
-    assert table.replace("f", staged(table, "a-f", ["f-0"]), lineage("a-f"), "run-a", planned.get("f"))
+    assert replace(table, "f", "a-f", ["f-0"], planned.get("f")) == COMMITTED
     assert table.lineage(table.committed()["d"].lineage_id)["inputs"] == lineage("b").document()["inputs"]

@@ -1,5 +1,6 @@
-"""Worker faults: a model replica that dies in the middle of a score pass is restarted by Ray, its batch
-retried, and the output is the one an undisturbed run writes (every row once, the same scores)."""
+"""Faults: a model replica that dies in the middle of a score pass is restarted by Ray, its batch retried,
+and the output is the one an undisturbed run writes (every row once, the same scores); a driver killed
+mid-pass leaves whole partitions, and the rerun scores only the rest."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -22,6 +24,7 @@ from conftest import read_scores
 from torch import Tensor, nn
 
 from fimood import passes
+from fimood.lake.score_table import ScoreTable
 from fimood.lake.tables import write_image_parquet
 from fimood.models import register_model, save_model
 from fimood.models.base import ConfiguredModel, Preset
@@ -96,24 +99,30 @@ def test_a_replica_that_dies_mid_job_is_restarted_and_no_row_is_lost_or_doubled(
 
 
 def test_a_job_killed_halfway_then_resumed_writes_what_one_undisturbed_run_writes(dies_once):
+    """The driver is killed once its first partition is committed: readers see whole partitions only, and
+    the resumed run scores only the partitions the killed one had not committed."""
     root, urls = dies_once
     out = root / "killed"
-    cli = "import sys, test_faults; from fimood.cli import main; sys.exit(main(sys.argv[1:]))"  # the model's class
+    cli = (  # the test model's class registered; write tasks of 50 rows, so partitions complete one by one
+        "import sys, test_faults; from fimood.cli import main; from fimood.passes import score_pass; "
+        "score_pass.ROWS_PER_OUTPUT_FILE = 50; sys.exit(main(sys.argv[1:]))"
+    )
     command = [sys.executable, "-c", cli, "score", "--detector", urls["detector"], "--data", urls["lake"]]
     command += ["--out", str(out), "--resume", "--batch-size", "32"]
     tests = str(Path(__file__).parent)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": tests}
     job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(out.glob("_staging/*/partition=*/*.parquet")) and job.poll() is None:
-        assert time.monotonic() < deadline, "no staged file appeared"
+    deadline, table = time.monotonic() + 120, ScoreTable(str(out))
+    while not (table.snapshot() and table.committed()) and job.poll() is None:
+        assert time.monotonic() < deadline, "no partition was committed"
         time.sleep(0.05)
-    job.kill()  # mid-write: some partitions staged, none committed
+    job.kill()  # mid-pass: a partition committed, the other in flight (or just committed)
     assert job.wait() == -signal.SIGKILL, "the job ended before it could be killed"
-    assert read_scores(str(out)).num_rows == 0  # nothing committed
+    committed = read_scores(str(out))
+    assert set(Counter(committed.column("partition").to_pylist()).values()) <= {150}, "whole partitions only"
 
-    passes.score(urls["detector"], urls["lake"], str(out), passes.PipelineConfig(batch_size=32), resume=True)
+    resumed = passes.score(urls["detector"], urls["lake"], str(out), passes.PipelineConfig(batch_size=32), resume=True)
+    assert {p.folder for p in resumed.skipped} == set(committed.column("partition").to_pylist())
     if not (root / "undisturbed").exists():
         passes.score(urls["detector"], urls["lake"], str(root / "undisturbed"), passes.PipelineConfig(batch_size=32))
-    resumed, undisturbed = sorted_scores(str(out)), sorted_scores(str(root / "undisturbed"))
-    assert resumed.equals(undisturbed)
+    assert sorted_scores(str(out)).equals(sorted_scores(str(root / "undisturbed")))

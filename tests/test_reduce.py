@@ -67,3 +67,28 @@ def test_too_few_rows_is_a_clear_error():
     ids, features, nll = _rows(1)
     with pytest.raises(ValueError, match="need at least 2 fit rows and 1 calibration row"):
         _feed(FitReduce(4, 0.2), ids, features, nll, 1, np.arange(1)).finish(0.05)
+
+
+@pytest.mark.parametrize("cap", [1_000, 50])  # every calibration row kept; the cap reached in every partial
+def test_partials_merged_in_any_tree_give_the_fit_of_one_reduce(cap):
+    """Ray tasks reduce disjoint rows into partials, passed as bytes and merged in any grouping: the same
+    detector and calibration sample as one reduce over all rows."""
+    ids, features, nll = _rows(900)
+    one, one_typicality = _feed(FitReduce(4, 0.2, cap), ids, features, nll, 900, np.arange(900)).finish(0.05)
+    order, partials = np.random.default_rng(3).permutation(900), []
+    for start in range(0, 900, 100):
+        rows = order[start : start + 100]
+        partial = _feed(FitReduce(4, 0.2, cap), ids, features, nll, 30, rows)
+        partials.append(FitReduce.from_bytes(partial.to_bytes()))
+    left = partials[0].merge(partials[1]).merge(partials[2])
+    right = partials[3]
+    for partial in partials[4:]:
+        right = right.merge(partial)
+    merged = FitReduce.from_bytes(left.to_bytes()).merge(FitReduce.from_bytes(right.to_bytes()))
+    in_calibration = int((split_hash(ids) < 0.2).sum())
+    assert merged.stats.count + merged.calibration_rows == 900 and merged.calibration_rows == min(cap, in_calibration)
+    detector, typicality = merged.finish(0.05)
+    new = _rows(20, seed=2)[1]
+    np.testing.assert_allclose(detector.ood_score(new), one.ood_score(new), rtol=1e-9)
+    assert detector.threshold_ == pytest.approx(one.threshold_, rel=1e-9)
+    assert typicality.entropy_ == pytest.approx(one_typicality.entropy_, rel=1e-12)

@@ -4,7 +4,6 @@ run killed mid-commit; nothing fimood did not write is ever replaced or read."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import zlib
@@ -15,16 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import read_scores
-from fsspec.implementations.local import LocalFileSystem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fimood import passes
-from fimood.lake import delta, schema, score_table
+from fimood.lake import delta, schema
 from fimood.lake.images import encode_png
 from fimood.lake.score_table import Lineage, ScoreTable, folder_of
-from fimood.lake.sources import list_partitions
-from fimood.lake.staging import HEARTBEAT, STAGING, Staging
 from fimood.method.detector import DetectorArtifact
 from fimood.onboarding.datasets import load_source
 from fimood.passes import score_pass
@@ -135,43 +131,32 @@ def test_a_file_no_version_lists_is_never_read(lake, tmp_path):
     assert user_file.exists() and ids_by_folder(out) == {"d": Counter(ids)}
 
 
-def test_staging_of_a_dead_run_is_removed_and_a_live_runs_is_kept(tmp_path):
-    fs = LocalFileSystem()
-    dead, live = tmp_path / STAGING / "dead-run", tmp_path / STAGING / "live-run"
-    for run, age in ((dead, 3600.0), (live, 0.0)):
-        (run / "partition=0").mkdir(parents=True)
-        (run / "partition=0" / "000000.parquet").write_bytes(b"staged")
-        (run / HEARTBEAT).write_text(json.dumps({"time": time.time() - age}))
-    with Staging(fs, str(tmp_path)) as staging:
-        assert Path(staging.path).exists() and (Path(staging.path) / HEARTBEAT).exists()
-        assert not dead.exists() and live.exists()
-    assert not Path(staging.path).exists() and live.exists()
-
-
-def test_a_run_killed_mid_commit_leaves_whole_versions_and_the_next_run_repairs_it(lake, tmp_path, monkeypatch):
-    """The driver dies after committing one partition and while writing the next one's files: readers get
-    the new version of the first and the previous version of the second, whole; the files the dead commit
-    wrote are in no version; the next `--resume` scores only the second, and every row is there once."""
+def test_a_run_killed_mid_pass_leaves_whole_versions_and_the_next_run_scores_only_the_rest(lake, tmp_path, monkeypatch):
+    """The driver dies after committing one partition, with the next one's files written: readers get the
+    new version of the first and the previous version of the second, whole; the files written for it are
+    in no version; the next `--resume` scores only the second, and every row is there once."""
     data, out = tmp_path / "lake", tmp_path / "out"
     first = {folder: write_shard(data / folder / "a.parquet", [f"{folder}-{i}" for i in range(3)]) for folder in "de"}
     passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
     version = delta.open_table(str(out), {}).version()
     new = {folder: write_shard(data / folder / "b.parquet", [f"{folder}-new"]) for folder in "de"}
-    replace_rows = delta.replace_rows
+    commit = ScoreTable.commit
 
-    def dies_on_the_second_partition(uri, options, data, **kwargs):
-        if "'e'" not in kwargs["predicate"]:
-            return replace_rows(uri, options, data, **kwargs)
-        staged = next((out / STAGING).rglob("*.parquet"))  # a real data file, as delta-rs writes before its log entry
-        shutil.copy(staged, out / "partition=e" / "part-00000-of-a-commit-never-logged.parquet")
-        raise SystemExit("killed")
+    def dies_before_committing_e(self, versions, run):
+        kept = [version for version in versions if version.folder != "e"]
+        said = commit(self, kept, run) if kept else {}
+        if len(kept) < len(versions):
+            raise SystemExit("killed")
+        return said
 
-    monkeypatch.setattr(score_table, "replace_rows", dies_on_the_second_partition)
+    monkeypatch.setattr(ScoreTable, "commit", dies_before_committing_e)
     with pytest.raises(SystemExit):
         passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig(), resume=True)
     monkeypatch.undo()
     assert delta.open_table(str(out), {}).version() == version + 1
     assert ids_by_folder(out) == {"d": Counter(first["d"] + new["d"]), "e": Counter(first["e"])}
+    files_of_e = set((out / "partition=e").glob("*.parquet"))
+    assert len(files_of_e) == 2, "the new version's file was written, beside the committed one"
     resumed = passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig(), resume=True)
     assert [p.folder for p in resumed.skipped] == ["d"] and resumed.rows == 4
     assert ids_by_folder(out) == {folder: Counter(first[folder] + new[folder]) for folder in "de"}
@@ -248,22 +233,24 @@ def test_a_fit_with_an_unreadable_shard_names_it_before_any_work(lake, tmp_path)
 
 
 def test_rows_out_that_differ_from_rows_in_fail_and_keep_the_previous_version(lake, tmp_path):
-    """A partition whose staged rows fall short of its input is not committed (the commit step alone)."""
+    """A partition whose written rows fall short of its input is not committed (the committer alone)."""
     data, out = tmp_path / "lake", tmp_path / "out"
     write_shard(data / "d" / "a.parquet", ["a0", "a1", "a2"])
     passes.score(lake["detector"], str(data), str(out), passes.PipelineConfig())
     table = ScoreTable(str(out))
     version = delta.open_table(table.uri, {}).version()
-    short = tmp_path / "staged.parquet"
-    pq.write_table(read_scores(str(out)).select(schema.score_schema().names).slice(0, 2), short)
-    partition = list_partitions(str(data))[0]
     lineage = Lineage(DetectorArtifact.load(lake["detector"]).detector_id, [], False)
-    commit = score_pass.Commit(table, lineage, "run", table.committed()["d"])
-    result = score_pass._commit(partition, commit, [str(short)], 3, max_error_fraction=0.5)
+    committer = score_pass.Committer(table, max_error_fraction=0.5)
+    committer.expect(0, "d", lineage, table.committed()["d"], rows_in=3, unreadable={})
+    short = read_scores(str(out)).select(schema.score_schema().names).slice(0, 2)
+    short = short.append_column("partition", pa.array([0, 0], pa.int32()))
+    short = short.append_column("memory_splits", pa.array([0, 0], pa.int32()))
+    with committer:
+        committer.add(score_pass.write_files(short, table, ["d"], {0: lineage.lineage_id}))
+    (result,) = committer.results
     assert result.status == "failed" and "2 rows scored from 3 rows in" in result.reason
-    assert delta.open_table(table.uri, {}).version() == version and ids_by_folder(out)["d"] == Counter(
-        ["a0", "a1", "a2"]
-    )
+    assert delta.open_table(table.uri, {}).version() == version
+    assert ids_by_folder(out)["d"] == Counter(["a0", "a1", "a2"])
 
 
 def test_the_actor_pool_may_hold_every_cpu(lake, tmp_path):

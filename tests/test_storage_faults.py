@@ -99,18 +99,18 @@ def test_a_commit_cut_by_an_outage_keeps_the_previous_version(store, monkeypatch
 def test_a_storage_outage_inside_a_ray_task_reaches_the_caller_as_one_line(ray_session):
     import ray
 
-    from fimood.passes.runtime import storage_errors_in_one_line
+    from fimood.passes.runtime import errors_in_one_line
 
     def write_row(row):
         raise StorageUnavailable("pipe_file faults/x: the storage did not answer for 2 s")
 
-    with pytest.raises(StorageUnavailable) as error, storage_errors_in_one_line():
+    with pytest.raises(StorageUnavailable) as error, errors_in_one_line():
         ray.data.range(2).map(write_row).materialize()
     assert str(error.value) == "pipe_file faults/x: the storage did not answer for 2 s"
 
 
 def test_a_score_pass_rides_out_an_outage_while_it_writes(store, lake):
-    """The store goes down for 3 s as soon as the run's first staged file lands (Ray tasks writing, or the
+    """The store goes down for 3 s as soon as the run's first data file lands (Ray tasks writing, or the
     driver committing, whichever is under way): every call waits it out, and the run ends with rows in
     = rows out, every partition committed."""
     from fimood import passes
@@ -123,9 +123,9 @@ def test_a_score_pass_rides_out_an_outage_while_it_writes(store, lake):
         write_image_parquet(url, mnist.ids[rows], mnist.images[rows], rows_per_shard=20, storage_options=store.options)
     watcher, done, outages = store.fs(), threading.Event(), []
 
-    def outage_at_first_staged_file():
+    def outage_at_first_data_file():
         while not done.is_set():
-            if watcher.exists("faults/out/_staging") and watcher.find("faults/out/_staging", withdirs=False):
+            if watcher.exists("faults/out") and watcher.glob("faults/out/partition=*/*.parquet"):
                 outages.append(time.monotonic())
                 store.stop()
                 time.sleep(3.0)
@@ -134,7 +134,7 @@ def test_a_score_pass_rides_out_an_outage_while_it_writes(store, lake):
             time.sleep(0.05)
             watcher.invalidate_cache()
 
-    thread = threading.Thread(target=outage_at_first_staged_file)
+    thread = threading.Thread(target=outage_at_first_data_file)
     thread.start()
     try:
         config = passes.PipelineConfig(batch_size=32, storage_options=store.options)

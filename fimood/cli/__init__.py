@@ -29,6 +29,7 @@ from fimood.cli import (
 )
 from fimood.cli.options import UsageError, add_storage_options
 from fimood.lake.delta import ConcurrentWriters
+from fimood.models.base import GpuUnusable
 from fimood.storage import StorageUnavailable
 
 COMMANDS: dict[str, ModuleType] = {
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"fimood {args.command}: another run at once: {error}", file=sys.stderr)
+        return 1
+    except GpuUnusable as error:
+        if args.verbose:
+            raise
+        print(f"fimood {args.command}: error: {error}", file=sys.stderr)
         return 1
 
 

@@ -68,9 +68,22 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     """How a Ray pass reads rows and runs its actor pool."""
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument(
-        "--num-actors", type=int, default=1, help="model replicas in the actor pool (one GPU each when there are GPUs)"
+        "--num-actors", type=int, default=1, help="model replicas in the actor pool (with --max-actors: the fewest)"
+    )
+    parser.add_argument(
+        "--max-actors",
+        type=int,
+        default=None,
+        help="let the pool grow to this many replicas while rows wait (an autoscaling cluster adds their nodes)",
     )
     parser.add_argument("--cpus-per-actor", type=int, default=1, help="CPUs (and torch threads) per replica")
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs per replica, a share of one (0.25: four per card) or whole ones; 0: CPUs only (default: 1 "
+        "when the cluster has GPUs or its autoscaler can add GPU nodes, else 0)",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="rows per gradient batch")
     parser.add_argument("--engine", default="auto", choices=METHODS, help="gradient engine")
     parser.add_argument(

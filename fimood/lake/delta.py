@@ -103,7 +103,7 @@ def delta_location(url: str, storage_options: StorageOptions = None) -> tuple[st
     return uri, options
 
 
-def _tuned(uri: str, options: dict[str, str]) -> dict[str, str]:
+def tuned(uri: str, options: dict[str, str]) -> dict[str, str]:
     """The options fimood's own delta-rs calls use: a remote store is retried while it does not answer for
     as long as fimood's other calls are (`FIMOOD_STORAGE_RETRY_SECONDS`), not 10 tries."""
     if "://" not in uri:
@@ -116,7 +116,7 @@ def open_table(uri: str, options: dict[str, str]) -> DeltaTable | None:
     """The table's current version, or None where there is no table yet."""
     try:
         with unavailable_in_one_line(f"open {uri}"):
-            return DeltaTable(uri, storage_options=_tuned(uri, options))
+            return DeltaTable(uri, storage_options=tuned(uri, options))
     except TableNotFoundError:
         return None
 
@@ -158,7 +158,7 @@ def replace_rows(
                     mode="error" if creating else "overwrite",
                     predicate=None if creating else predicate,
                     partition_by=partition_by,
-                    storage_options=_tuned(uri, options),
+                    storage_options=tuned(uri, options),
                     commit_properties=CommitProperties(
                         custom_metadata=metadata, **({"max_commit_retries": 0} if creating else {})
                     ),

@@ -3,29 +3,36 @@
     <output>/_delta_log/                     the table's versions (what every Delta reader reads)
     <output>/partition=<folder>/*.parquet    data files (the folder percent-encoded: `date%3D2026-11-26`)
     <output>/_fimood/lineage/<id>.json       what a partition was scored from, by `lineage_id`
-    <output>/_staging/<run>/                 a run's rows before their commit; no reader looks here
 
-A partition is committed as one Delta commit that removes its previous rows and adds the new ones,
-so every reader gets each partition's old version or its new one, whole, on local disk and on S3.
-Every row carries its `detector_id` and `lineage_id` (the hash of the input shards and settings its
-partition was scored from), 64 characters each, so `--resume` reads them from the log's per-file
-statistics, with no data read. A commit replaces the version the run planned from, or nothing: a
-partition another run committed meanwhile is left as that run made it. Replaced files stay for
-the table's retention (7 days by default) for readers of older versions; each run then vacuums
-what is older, and the files of commits that never finished.
+Ray's write tasks write data files straight into the table's folder; they are in no version until
+a commit lists them. A commit adds the new files of one or more partitions and removes their
+previous ones, together, so every reader gets each partition's old version or its new one, whole,
+on local disk and on S3. Every row carries its `detector_id` and `lineage_id` (the hash of the
+input shards and settings its partition was scored from), 64 characters each, so `--resume` reads
+them from the log's per-file statistics, with no data read. A commit replaces the version the run
+planned from, or nothing: a partition another run committed meanwhile is left as that run made it.
+Replaced files stay for the table's retention (7 days by default) for readers of older versions, as
+do files no commit listed (a run that died, or lost a race); each run then vacuums what is older.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import random
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs
-from deltalake import DeltaTable
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable
+from deltalake.exceptions import CommitFailedError
+from deltalake.transaction import AddAction
 
 from fimood.lake import schema
 from fimood.lake.delta import (
@@ -33,11 +40,11 @@ from fimood.lake.delta import (
     delta_location,
     is_delta_table,
     open_table,
-    quote,
-    replace_rows,
+    tuned,
     unavailable_in_one_line,
 )
-from fimood.storage import StorageOptions, filesystem, join, resilient, sha256_hex, write_file
+from fimood.lake.tables import parquet_bytes
+from fimood.storage import StorageOptions, StorageUnavailable, filesystem, join, resilient, sha256_hex, write_file
 from fimood.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,11 @@ logger = logging.getLogger(__name__)
 ROOT_PARTITION = "."  # the partition value of rows from the data URL itself (Delta stores '' as null)
 LINEAGE_FOLDER = "_fimood/lineage"
 LEGACY_MARKER = "_SUCCESS"  # what fimood 0.2 left in each output folder
+COMMITTED, SAME_LINEAGE = "committed", "same lineage"  # what `ScoreTable.commit` did with a partition
+DESCRIPTION = f"fimood score table, schema version {schema.SCORE_SCHEMA_VERSION}: one row per input row"
+COMMIT_ATTEMPTS = 30  # a commit losing the race to other runs' commits tries again on theirs, this many times
+SIDECAR_THREADS = 16  # lineage sidecars are written in parallel: on object stores each is a round trip
+STATISTICS = (schema.ID, schema.ERROR, schema.DETECTOR_ID, schema.FIMOOD_VERSION, schema.LINEAGE_ID)  # min/max kept
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,41 @@ class Committed:
 
     detector_id: str
     lineage_id: str
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file written into the table's folder, in no version until a commit lists it."""
+
+    path: str  # relative to the table's root, as the log names it
+    size: int
+    rows: int
+    statistics: str  # Delta's per-file statistics (JSON): what `committed` and readers' pruning read
+
+    def action(self, folder: str) -> AddAction:
+        values = {schema.PARTITION: partition_value(folder)}
+        return AddAction(self.path, self.size, values, int(time.time() * 1000), True, self.statistics)
+
+
+@dataclass(frozen=True)
+class PartitionVersion:
+    """A partition's new version: its files, what they were scored from, and the version it replaces."""
+
+    folder: str
+    lineage: Lineage
+    planned: Committed | None  # the partition's version when the run planned; only it may be replaced
+    files: tuple[DataFile, ...]
+
+
+def _statistics(table: pa.Table) -> str:
+    """Delta's statistics of a data file: rows, nulls per column, bounds of its string columns (exact)."""
+    minimum, maximum = {}, {}
+    for name in STATISTICS:
+        bounds = pc.min_max(table.column(name))
+        if bounds["min"].is_valid:
+            minimum[name], maximum[name] = bounds["min"].as_py(), bounds["max"].as_py()
+    nulls = {name: table.column(name).null_count for name in table.column_names}
+    return json.dumps({"numRecords": table.num_rows, "minValues": minimum, "maxValues": maximum, "nullCount": nulls})
 
 
 def partition_value(folder: str) -> str:
@@ -140,70 +187,103 @@ class ScoreTable:
             committed[folder] = Committed(d_min, l_min) if whole else None
         return committed
 
-    def replace(self, folder: str, staged: list[str], lineage: Lineage, run: str, planned: Committed | None) -> bool:
-        """Commit the staged score files (full paths) as the partition's new version, if its current version is
-        still `planned` (what the run saw when it planned). Returns False when another run committed this
-        very lineage meanwhile (nothing to do); raises `ConcurrentWriters` when it committed another."""
-        value = partition_value(folder)
-        write_file(self.fs, join(self.root, LINEAGE_FOLDER, f"{lineage.lineage_id}.json"), self._lineage_json(lineage))
-        constants = {
-            schema.PARTITION: value,
-            schema.FIMOOD_VERSION: __version__,
-            schema.LINEAGE_ID: lineage.lineage_id,
-        }
-
-        def rows_for(table: DeltaTable | None) -> pa.RecordBatchReader | None:
-            current = self.committed(table).get(folder) if table is not None else None
-            if current != planned:
-                if current == lineage.committed_as:
-                    logger.warning(
-                        "%s: partition %r was committed by another run meanwhile, as this one would", self.url, value
-                    )
-                    return None
-                raise ConcurrentWriters(
-                    f"{self.url}: partition {value!r} was committed by another run since this one read it; that "
-                    "version is kept: run again to replace it"
+    def create(self) -> None:
+        """Create the table, empty, unless it exists; a racing creator's table is as good as this one's."""
+        if self.snapshot() is not None:
+            return
+        try:
+            with unavailable_in_one_line(f"create {self.uri}"):
+                DeltaTable.create(
+                    self.uri,
+                    schema.table_schema(),
+                    mode="error",
+                    partition_by=[schema.PARTITION],
+                    name="fimood scores",
+                    description=DESCRIPTION,
+                    storage_options=tuned(self.uri, self.options),
+                    commit_properties=CommitProperties(max_commit_retries=0),
                 )
-            return pa.RecordBatchReader.from_batches(schema.table_schema(), self._rows(staged, constants))
+        except StorageUnavailable:
+            raise
+        except Exception:
+            if self.snapshot() is None:
+                raise
+        self.check()
 
-        return replace_rows(
-            self.uri,
-            self.options,
-            rows_for,
-            predicate=f"{schema.PARTITION} = {quote(value)}",
-            partition_by=[schema.PARTITION],
-            metadata={
-                "fimood.partition": value,
-                "fimood.detector_id": lineage.detector_id,
-                "fimood.lineage_id": lineage.lineage_id,
-                "fimood.version": __version__,
-                "fimood.run": run,
-                "fimood.schema_version": str(schema.SCORE_SCHEMA_VERSION),
-            },
-            name="fimood scores",
-            description=f"fimood score table, schema version {schema.SCORE_SCHEMA_VERSION}: one row per input row",
+    def write_data_file(self, folder: str, rows: pa.Table, lineage_id: str) -> DataFile:
+        """Write score rows (`score_schema`) of one partition as a data file of the table, in no version yet:
+        a commit lists it, or a vacuum past the retention removes it. Called in Ray's write tasks."""
+        target = schema.table_schema()
+        columns = {name: rows.column(name) for name in rows.column_names}
+        columns[schema.FIMOOD_VERSION] = pa.array([__version__] * rows.num_rows, pa.string())
+        columns[schema.LINEAGE_ID] = pa.array([lineage_id] * rows.num_rows, pa.string())
+        if schema.Z_SCORES not in columns:
+            columns[schema.Z_SCORES] = pa.nulls(rows.num_rows, target.field(schema.Z_SCORES).type)
+        fields = [field for field in target if field.name != schema.PARTITION]
+        table = pa.Table.from_arrays([columns[f.name].cast(f.type) for f in fields], schema=pa.schema(fields))
+        path = f"{schema.PARTITION}={urllib.parse.quote(partition_value(folder), safe='')}/part-{uuid.uuid4()}.parquet"
+        data = parquet_bytes(table)
+        write_file(self.fs, join(self.root, path), data)
+        return DataFile(path, len(data), table.num_rows, _statistics(table))
+
+    def commit(self, versions: list[PartitionVersion], run: str) -> dict[str, str]:
+        """Commit new versions of partitions, in one Delta commit, each replacing the version its run planned
+        from. Returns, by folder: COMMITTED; SAME_LINEAGE when another run committed this very lineage
+        meanwhile (nothing to do); or, when it committed another, why this one was not committed."""
+        with ThreadPoolExecutor(SIDECAR_THREADS) as pool:
+            list(pool.map(self._write_lineage, [version.lineage for version in versions]))
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            table = self.snapshot()
+            current = self.committed(table)
+            outcome, ready = {}, []
+            for version in versions:
+                now = current.get(version.folder)
+                if now == version.planned:
+                    ready.append(version)
+                elif now == version.lineage.committed_as:
+                    outcome[version.folder] = SAME_LINEAGE
+                else:
+                    outcome[version.folder] = (
+                        f"another run committed partition {partition_value(version.folder)!r} since this one read "
+                        "it; that version is kept: run again to replace it"
+                    )
+            if not ready:
+                return outcome
+            try:
+                with unavailable_in_one_line(f"commit {len(ready)} partitions to {self.uri}"):
+                    table.create_write_transaction(
+                        [file.action(version.folder) for version in ready for file in version.files],
+                        mode="overwrite",
+                        schema=schema.table_schema(),
+                        partition_by=[schema.PARTITION],
+                        partition_filters=[(schema.PARTITION, "in", [partition_value(v.folder) for v in ready])],
+                        commit_properties=CommitProperties(
+                            max_commit_retries=0,  # pinned to the version checked above: a race is tried again here
+                            custom_metadata={
+                                "fimood.run": run,
+                                "fimood.partitions": str(len(ready)),
+                                "fimood.version": __version__,
+                                "fimood.schema_version": str(schema.SCORE_SCHEMA_VERSION),
+                            },
+                        ),
+                    )
+                return outcome | {version.folder: COMMITTED for version in ready}
+            except CommitFailedError as error:
+                logger.info("%s: another writer committed first (%s); trying again", self.url, error)
+                time.sleep(random.uniform(0, min(5.0, 0.05 * 2**attempt)))  # spread, so racers do not meet again
+        raise ConcurrentWriters(
+            f"{self.url}: other writers committed first {COMMIT_ATTEMPTS} times in a row; what they committed is "
+            "kept: run again once they are done"
         )
 
-    @staticmethod
-    def _lineage_json(lineage: Lineage) -> bytes:
-        return json.dumps({"detector_id": lineage.detector_id, **lineage.document()}, indent=1, sort_keys=True).encode()
+    def _write_lineage(self, lineage: Lineage) -> None:
+        document = {"detector_id": lineage.detector_id, **lineage.document()}
+        data = json.dumps(document, indent=1, sort_keys=True).encode()
+        write_file(self.fs, join(self.root, LINEAGE_FOLDER, f"{lineage.lineage_id}.json"), data)
 
     def lineage(self, lineage_id: str) -> dict:
         """What a `lineage_id` stands for: the detector, the input shards, whether with z-scores."""
         return json.loads(self.fs.cat_file(join(self.root, LINEAGE_FOLDER, f"{lineage_id}.json")))
-
-    def _rows(self, staged: list[str], constants: dict[str, str]) -> Iterator[pa.RecordBatch]:
-        target = schema.table_schema()
-        if not staged:
-            return
-        files = pads.dataset(staged, filesystem=_arrow_fs(self.fs), format="parquet")
-        for batch in files.to_batches():
-            columns = {name: batch.column(name) for name in batch.schema.names}
-            for name, value in constants.items():
-                columns[name] = pa.array([value] * batch.num_rows, pa.string())
-            if schema.Z_SCORES not in columns:
-                columns[schema.Z_SCORES] = pa.nulls(batch.num_rows, target.field(schema.Z_SCORES).type)
-            yield pa.record_batch([columns[name].cast(target.field(name).type) for name in target.names], target)
 
     def read(
         self, folders: list[str] | None = None, columns: list[str] | None = None, table: DeltaTable | None = None
@@ -217,6 +297,11 @@ class ScoreTable:
             where = pads.field(schema.PARTITION).isin([partition_value(folder) for folder in folders])
         with unavailable_in_one_line(f"read {self.uri}"):
             return table.to_pyarrow_dataset().to_table(columns=columns, filter=where)
+
+    def read_file(self, path: str, columns: list[str]) -> pa.Table:
+        """Columns of one data file (its path relative to the table's root, as `DataFile.path`)."""
+        with self.fs.open(join(self.root, path), "rb") as handle:
+            return pq.read_table(handle, columns=columns)
 
     def files(self, folders: list[str], table: DeltaTable) -> dict[str, str]:
         """The data files of these partitions in one version (full paths on the filesystem) → their folder."""
@@ -247,7 +332,3 @@ def read_scores(url: str, storage_options: StorageOptions = None, columns: list[
     table = ScoreTable(url, storage_options)
     table.check()
     return table.read(columns=columns)
-
-
-def _arrow_fs(fs) -> pyarrow.fs.FileSystem:
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

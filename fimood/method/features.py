@@ -113,6 +113,7 @@ class RowFeatures:
     log_sq_norms: np.ndarray  # (n, L), NaN rows where error is set
     nll: np.ndarray  # (n,)
     errors: list[str | None]  # (n,)
+    memory_splits: int = 0  # times a batch was halved because the device ran out of memory
 
 
 def featurize_rows(
@@ -121,15 +122,17 @@ def featurize_rows(
     """Features of decoded rows: uint8 images (n, C, H, W), each row's decoding error or None.
 
     This is the row boundary: a row that could not be decoded, a row the model fails on and a
-    non-finite result each become that row's error, never a failed batch.
+    non-finite result each become that row's error, never a failed batch. A batch the device has no
+    memory for is halved until it fits (each row's features do not depend on its batch), and counted.
     """
     n_features = len(trainable_parameters(model))
     errors = list(errors)
     log_norms = np.full((len(ids), n_features), np.nan)
     nll = np.full(len(ids), np.nan)
     ok = np.array([error is None for error in errors], dtype=bool)
+    splits = 0
     try:
-        _fill(model, images, ids, np.flatnonzero(ok), engine, log_norms, nll)
+        splits = _fill_halving(model, images, ids, np.flatnonzero(ok), engine, log_norms, nll)
     except Exception:  # one bad row must not sink the batch: find it by scoring rows one at a time
         logger.warning("a batch of %d rows failed; scoring its rows one at a time", ok.sum(), exc_info=True)
         for row in np.flatnonzero(ok):
@@ -142,7 +145,24 @@ def featurize_rows(
             errors[row] = "the model gave a non-finite NLL or gradient"
     failed = np.array([error is not None for error in errors], dtype=bool)
     log_norms[failed], nll[failed] = np.nan, np.nan
-    return RowFeatures(log_sq_norms=log_norms, nll=nll, errors=errors)
+    return RowFeatures(log_sq_norms=log_norms, nll=nll, errors=errors, memory_splits=splits)
+
+
+def _fill_halving(model: LikelihoodModel, images, ids, rows: np.ndarray, engine: str, log_norms, nll) -> int:
+    """`_fill`, halving the rows while the device runs out of memory; returns how many halvings it took."""
+    try:
+        _fill(model, images, ids, rows, engine, log_norms, nll)
+        return 0
+    except torch.OutOfMemoryError:
+        if len(rows) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        logger.warning("a batch of %d rows ran out of device memory; scoring it in halves", len(rows))
+        half = len(rows) // 2
+        return 1 + sum(
+            _fill_halving(model, images, ids, part, engine, log_norms, nll) for part in (rows[:half], rows[half:])
+        )
 
 
 def _fill(

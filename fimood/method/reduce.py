@@ -4,11 +4,14 @@ The pipeline's fit pass feeds it from Ray; the study feeds it in process, so its
 ones `fimood fit` builds.
 
 Memory stays within `FitReduce.memory_bound_bytes` whatever the number of rows streamed through it:
-O(features² + features × max_calibration_rows), measured by `fimood benchmark-reduce`.
+O(features² + features × max_calibration_rows), measured by `fimood benchmark-reduce`. Reduces of
+disjoint rows merge (`merge`) into the reduce of all of them, so Ray tasks can each reduce some rows
+and merge their partials (`to_bytes`, `from_bytes`: plain arrays, never pickles).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 import numpy as np
@@ -76,6 +79,54 @@ class FitReduce:
         self._pending_rows += int(calibration.sum())
         if self._pending_rows > self.max_calibration_rows // 4:
             self._trim()
+
+    def merge(self, other: FitReduce) -> FitReduce:
+        """This reduce with another's rows added (same settings): what one reduce of both their rows holds,
+        its statistics up to float rounding. Returns self."""
+        self.training_rows += other.training_rows
+        self.stats = self.stats.merge(other.stats)
+        self.nll_sum, self.nll_count = self.nll_sum + other.nll_sum, self.nll_count + other.nll_count
+        self._hashes += other._hashes
+        self._features += other._features
+        self._nll += other._nll
+        self._pending_rows += other.calibration_rows
+        self._largest_kept_hash = min(self._largest_kept_hash, other._largest_kept_hash)
+        if self._pending_rows > self.max_calibration_rows // 4:
+            self._trim()
+        return self
+
+    def to_bytes(self) -> bytes:
+        """The reduce as bytes (NumPy's format, no pickles), for a partial passed between Ray tasks."""
+        self._trim()
+        stats = self.stats
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            settings=np.array([self.calibration_fraction, self.max_calibration_rows, self._largest_kept_hash]),
+            training_range=np.array(self.training_id_hash_range or [], np.float64),
+            counts=np.array([self.training_rows, self.nll_count, stats.count], np.int64),
+            nll_sum=np.array(self.nll_sum),
+            mean=stats.mean,
+            comoment=stats.comoment,
+            n_at_floor=stats.n_at_floor,
+            hashes=self._hashes[0],
+            features=self._features[0],
+            nll=self._nll[0],
+        )
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> FitReduce:
+        arrays = np.load(io.BytesIO(data), allow_pickle=False)
+        fraction, cap, largest = arrays["settings"]
+        training_range = tuple(arrays["training_range"]) or None
+        reduce = cls(arrays["mean"].shape[0], float(fraction), int(cap), training_range)
+        reduce.training_rows, reduce.nll_count, count = (int(value) for value in arrays["counts"])
+        reduce.nll_sum = float(arrays["nll_sum"])
+        reduce.stats = FeatureStats(count, arrays["mean"], arrays["comoment"], arrays["n_at_floor"])
+        reduce._hashes, reduce._features, reduce._nll = [arrays["hashes"]], [arrays["features"]], [arrays["nll"]]
+        reduce._largest_kept_hash = float(largest)
+        return reduce
 
     @property
     def calibration_rows(self) -> int:

@@ -2,7 +2,7 @@
 adapter, and checkpoints. Importing this package registers the built-in models."""
 
 from fimood.models.adapter import ModelAdapter
-from fimood.models.base import LikelihoodModel, Preset, training_data_record
+from fimood.models.base import GpuUnusable, LikelihoodModel, Preset, training_data_record
 from fimood.models.checkpoint import load_model, save_model
 from fimood.models.ddpm import DDPM, DDPMConfig
 from fimood.models.glow import Glow, GlowConfig
@@ -17,6 +17,7 @@ __all__ = [
     "DDPMConfig",
     "Glow",
     "GlowConfig",
+    "GpuUnusable",
     "GroupSum",
     "LikelihoodModel",
     "ModelAdapter",

@@ -35,6 +35,10 @@ TRAINING_DATA_FORMAT_VERSION = 1
 TRAINING_DATA_KEYS = ("data", "id_hash_range", "rows", "ids_sha256")
 
 
+class GpuUnusable(RuntimeError):
+    """A model replica was given a GPU its torch cannot use: it would run on the CPU while holding the card."""
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named size of a model: its settings, and the image shape it is built for unless told otherwise."""

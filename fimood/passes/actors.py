@@ -6,6 +6,8 @@ score-table rows.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -18,12 +20,55 @@ from fimood.lake import schema
 from fimood.lake.sources import ReadSpec, ReadUnit
 from fimood.method.detector import DetectorArtifact
 from fimood.method.features import featurize_rows
-from fimood.models import LikelihoodModel
+from fimood.models import GpuUnusable, LikelihoodModel
 from fimood.passes.config import PipelineConfig
 from fimood.passes.reading import ShardDatasource, matrix
 from fimood.storage import StorageOptions
 
 IO_TASKS_PER_ACTOR = 2  # read (and write) tasks in flight per model replica
+MEMORY_SPLITS = "memory_splits"  # times a batch was halved because the GPU ran out of memory (on its first row)
+logger = logging.getLogger(__name__)
+
+
+def replica_device() -> str:
+    """The replica's device: the GPU Ray gave it, else the CPU. A GPU torch cannot use stops the run."""
+    gpus = ray.get_gpu_ids()
+    if not gpus:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise GpuUnusable(
+            f"a model replica was given GPU {gpus[0]} but its torch {torch.__version__} cannot use CUDA (a CPU "
+            "build, or no driver on the node): install a CUDA build of torch on the GPU nodes, or pass "
+            "--gpus-per-actor 0 to score on CPUs"
+        )
+    return "cuda"
+
+
+def gpus_per_actor(config: PipelineConfig) -> float:
+    """GPUs each replica asks for: `config.gpus_per_actor` when given; else 1 when the cluster has GPUs or its
+    autoscaler can add GPU nodes (the node groups it publishes to Ray: KubeRay's worker groups, the
+    cluster launcher's node types, even at zero nodes now), else 0."""
+    if config.gpus_per_actor is not None:
+        return config.gpus_per_actor
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return 1.0
+    if (autoscalable_resources() or {}).get("GPU", 0) > 0:
+        logger.info("no GPU node yet, but the autoscaler can add some: each replica asks for one GPU")
+        return 1.0
+    logger.info("no GPU in the cluster, nor any its autoscaler can add: replicas run on CPUs")
+    return 0.0
+
+
+def autoscalable_resources() -> dict[str, float] | None:
+    """The most of each resource the cluster's autoscaler can provide, from the node groups it publishes to
+    Ray's GCS (as Ray Data and Ray Train read them); None without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception as error:  # a Ray that does not publish it: decide from what is there now
+        logger.info("could not read the autoscaler's node groups (%s)", error)
+        return None
 
 
 class FeatureActor:
@@ -50,18 +95,21 @@ class FeatureActor:
                 f"the model at {model_url} changed while the job ran (sha256 {model.checkpoint_sha256[:12]}, "
                 f"expected {model_sha256[:12]}); fit the detector again"
             )
-        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(replica_device())
         self.engine = engine
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("id").to_pylist()
         images = matrix(batch, "pixels")
         rows = featurize_rows(self.model, ids, images, batch.column("error").to_pylist(), engine=self.engine)
+        splits = np.zeros(len(ids), np.int32)
+        splits[:1] = rows.memory_splits  # counted once per batch, so sums over rows count batches' splits
         return (
             batch.drop_columns(["pixels", "error"])
             .append_column("log_sq_norms", ArrowTensorArray.from_numpy(rows.log_sq_norms))
             .append_column("nll", pa.array(rows.nll))
             .append_column("error", pa.array(rows.errors, pa.string()))
+            .append_column(MEMORY_SPLITS, pa.array(splits))
         )
 
 
@@ -77,8 +125,8 @@ class ScoreActor:
 
 
 def score_table(detector: DetectorArtifact, features: pa.Table, z_scores: bool = False) -> pa.Table:
-    """A batch of features as score-table rows, with the `partition` column the staging sink splits on;
-    rows with an error have null scores."""
+    """A batch of features as score-table rows, with the `partition` column the write tasks split on (and
+    `memory_splits`, which they count); rows with an error have null scores."""
     ok = np.asarray(features.column("error").is_null())
     scores = detector.per_row.score_rows(matrix(features, "log_sq_norms")[ok], z_scores)
     columns = {
@@ -93,7 +141,9 @@ def score_table(detector: DetectorArtifact, features: pa.Table, z_scores: bool =
     if z_scores:
         columns[schema.Z_SCORES] = _rows_of(scores.z_scores, ok)
     table = pa.Table.from_pydict(columns, schema=schema.score_schema(z_scores))
-    return table.append_column("partition", features.column("partition"))
+    return table.append_column("partition", features.column("partition")).append_column(
+        MEMORY_SPLITS, features.column(MEMORY_SPLITS)
+    )
 
 
 def _rows_of(values: np.ndarray, ok: np.ndarray) -> pa.Array:
@@ -122,9 +172,8 @@ def feature_rows(
     **actor_kwargs,
 ) -> ray.data.Dataset:
     """Rows of every read unit through one actor pool of replicas of `model` (FeatureActor or ScoreActor)."""
-    in_flight = min(IO_TASKS_PER_ACTOR * config.num_actors, len(units))
+    in_flight = min(IO_TASKS_PER_ACTOR * config.most_actors, len(units))
     rows = ray.data.read_datasource(ShardDatasource(units, spec, model.image_shape), num_cpus=0, concurrency=in_flight)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     replica = {
         "model_class": type(model),
         "model_url": model_url,
@@ -138,9 +187,11 @@ def feature_rows(
         fn_constructor_kwargs={**actor_kwargs, **replica},
         # The model runs on the actor's own thread: by default Ray Data calls it from a helper thread,
         # where torch's OpenMP team ran at about half speed (0.70 s against 0.43 s per 64 rows, 2 cores).
-        compute=ActorPoolStrategy(size=config.num_actors, enable_true_multi_threading=True),
+        compute=ActorPoolStrategy(
+            min_size=config.num_actors, max_size=config.most_actors, enable_true_multi_threading=True
+        ),
         num_cpus=config.cpus_per_actor,
-        num_gpus=gpus,
+        num_gpus=gpus_per_actor(config),
         batch_size=config.batch_size,
         batch_format="pyarrow",
     )

@@ -16,8 +16,10 @@ class PipelineConfig:
     image_column: str = "image"
     id_column: str = "id"  # when absent, ids are derived: `<shard path>#<row>`
     batch_size: int = 64
-    num_actors: int = 1
+    num_actors: int = 1  # model replicas; with max_actors, the fewest the pool keeps
+    max_actors: int | None = None  # the pool grows to this many replicas while rows wait for one; None: num_actors
     cpus_per_actor: int = 1  # Ray CPUs, and torch threads, per model replica
+    gpus_per_actor: float | None = None  # fractional shares a card; None: 1 when the cluster has or can add GPUs
     engine: str = "auto"  # the gradient engine (`fimood.engine.METHODS`)
     address: str | None = None  # Ray address; None: RAY_ADDRESS, else a local Ray
     allowed_imports: tuple[str, ...] = ()  # packages a checkpoint may name its model class from
@@ -30,6 +32,11 @@ class PipelineConfig:
         for name in ("num_actors", "cpus_per_actor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be at least num_actors ({self.num_actors})")
+        gpus = self.gpus_per_actor
+        if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+            raise ValueError(f"gpus_per_actor must be a share of one GPU (0 to 1) or a whole number, got {gpus}")
         FeatureSettings(self.engine, self.batch_size)  # checks both
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction!r}")
@@ -38,6 +45,11 @@ class PipelineConfig:
     def feature_settings(self) -> FeatureSettings:
         """How the actors compute features: what a fit records in its detector."""
         return FeatureSettings(self.engine, self.batch_size)
+
+    @property
+    def most_actors(self) -> int:
+        """The most model replicas the pool may hold at once."""
+        return self.max_actors or self.num_actors
 
     def read_spec(self, url: str) -> ReadSpec:
         return ReadSpec(url, self.input_format, self.image_column, self.id_column, self.storage_options)

@@ -1,24 +1,32 @@
-"""The fit pass: features of every in-distribution row on an actor pool, streamed into the fit reduce
-on the driver, which keeps O(features + calibration sample) memory whatever the number of rows."""
+"""The fit pass: features of every in-distribution row on an actor pool, reduced in Ray tasks: each task
+reduces its batch into a partial fit, and merge tasks merge the partials as they come, so the driver
+holds references and one merged fit, O(features² + calibration sample), whatever the number of rows.
+
+    actors: features ──► tasks: partial fits ──► merge tasks (MERGE_FAN_IN at a time) ──► driver: one fit
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
 
 from fimood.engine import trainable_parameters
 from fimood.lake.sources import list_partitions, plan_reads
 from fimood.method.detector import DetectorArtifact, DetectorSettings
 from fimood.method.reduce import FitReduce
 from fimood.models import load_model
-from fimood.passes.actors import check_strict, feature_rows
+from fimood.passes.actors import IO_TASKS_PER_ACTOR, MEMORY_SPLITS, check_strict, feature_rows
 from fimood.passes.config import PipelineConfig
 from fimood.passes.reading import matrix
-from fimood.passes.runtime import start_ray, storage_errors_in_one_line
+from fimood.passes.runtime import errors_in_one_line, start_ray
 from fimood.progress import count_errors, rate
 from fimood.storage import absolute_url, overlaps
 
@@ -32,16 +40,20 @@ class FitSummary:
     rows: int
     seconds: float
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    memory_splits: int = 0  # times a batch was halved because the GPU ran out of memory
 
     @property
     def errors(self) -> int:
         return sum(self.errors_by_reason.values())
 
     def __str__(self) -> str:
-        return f"{self.rows} rows ({count_errors(self.errors_by_reason)}) in {rate(self.rows, self.seconds)}"
+        text = f"{self.rows} rows ({count_errors(self.errors_by_reason)}) in {rate(self.rows, self.seconds)}"
+        if self.memory_splits:
+            text += f"; batches halved {self.memory_splits} times as the GPU ran out of memory"
+        return text
 
 
-@storage_errors_in_one_line()
+@errors_in_one_line()
 def fit(
     model_url: str,
     data_url: str,
@@ -71,16 +83,20 @@ def fit(
     training = model.training_data
     reads_training_data = training is not None and overlaps(training["data"], data_url, config.storage_options)
     training_range = tuple(training["id_hash_range"]) if reads_training_data else None
-    reduce = FitReduce(len(names), settings.calibration_fraction, max_calibration_rows, training_range)
-    rows, reasons = 0, Counter()
+    empty = FitReduce(len(names), settings.calibration_fraction, max_calibration_rows, training_range)
     features = feature_rows(units, spec, model_url, model, config)
-    for batch in features.iter_batches(batch_size=1024, batch_format="pyarrow"):
-        ok = np.asarray(batch.column("error").is_null())
-        rows += len(ok)
-        reasons.update(reason for reason in batch.column("error").to_pylist() if reason is not None)
-        ids = [i for i, keep in zip(batch.column("id").to_pylist(), ok, strict=True) if keep]
-        reduce.add(ids, matrix(batch, "log_sq_norms")[ok], batch.column("nll").to_numpy()[ok])
-    summary = FitSummary(rows, time.perf_counter() - start, dict(reasons))
+    partials = features.map_batches(
+        partial_fit,
+        fn_kwargs={"empty": empty.to_bytes()},
+        batch_size=ROWS_PER_PARTIAL,
+        batch_format="pyarrow",
+        num_cpus=0,
+        concurrency=IO_TASKS_PER_ACTOR * config.most_actors,
+    )
+    merged = merged_in_tasks(partials)
+    reduce, rows = FitReduce.from_bytes(merged["fit"]), merged["rows"]
+    reasons = Counter(json.loads(merged["errors"]))
+    summary = FitSummary(rows, time.perf_counter() - start, dict(reasons), merged[MEMORY_SPLITS])
     if rows != sum(rows_in):
         raise RuntimeError(f"fit read {rows} rows where the shards hold {sum(rows_in)}; nothing was fitted")
     if summary.errors > config.max_error_fraction * rows:
@@ -119,3 +135,64 @@ def fit(
         feature_settings=config.feature_settings,
     )
     return detector, summary
+
+
+ROWS_PER_PARTIAL = 4096  # feature rows a task reduces into one partial fit
+MERGE_FAN_IN = 16  # partial fits one merge task merges
+PARTIAL = pa.schema(
+    [
+        pa.field("fit", pa.binary()),  # `FitReduce.to_bytes`
+        pa.field("rows", pa.int64()),
+        pa.field("errors", pa.string()),  # JSON: reason → rows
+        pa.field(MEMORY_SPLITS, pa.int64()),
+    ]
+)
+
+
+def partial_fit(batch: pa.Table, empty: bytes) -> pa.Table:
+    """A task: the partial fit of a batch of feature rows (rows with an error counted, not fitted)."""
+    reduce = FitReduce.from_bytes(empty)
+    ok = np.asarray(batch.column("error").is_null())
+    ids = [row_id for row_id, keep in zip(batch.column("id").to_pylist(), ok, strict=True) if keep]
+    reduce.add(ids, matrix(batch, "log_sq_norms")[ok], batch.column("nll").to_numpy()[ok])
+    reasons = Counter(reason for reason in batch.column("error").to_pylist() if reason is not None)
+    splits = pc.sum(batch.column(MEMORY_SPLITS)).as_py() or 0
+    return pa.Table.from_pylist(
+        [{"fit": reduce.to_bytes(), "rows": len(ok), "errors": json.dumps(reasons), MEMORY_SPLITS: splits}], PARTIAL
+    )
+
+
+def merged_in_tasks(partials: ray.data.Dataset) -> dict:
+    """All partial fits merged into one, in merge tasks launched as the partials are made (each merges the
+    previous merge and the next MERGE_FAN_IN - 1 partials); the driver holds only their references."""
+    waiting: list = []
+    for bundle in partials.iter_internal_ref_bundles():
+        for entry, part in zip(bundle.blocks, bundle.slices, strict=True):
+            waiting.append((entry.ref, None if part is None else (part.start_offset, part.end_offset)))
+        if len(waiting) >= MERGE_FAN_IN:
+            waiting = [(_merge.remote(waiting), None)]
+    return ray.get(_merge.remote(waiting)).to_pylist()[0]
+
+
+@ray.remote(num_cpus=0)
+def _merge(parts: list) -> pa.Table:
+    """Partial fits (blocks of `PARTIAL` rows, or slices of them) merged into one `PARTIAL` row."""
+    tables = []
+    for ref, part in parts:
+        table = ray.get(ref)
+        tables.append(table if part is None else table.slice(part[0], part[1] - part[0]))
+    rows = pa.concat_tables(tables).to_pylist() if tables else []
+    if not rows:
+        raise RuntimeError("the fit pass made no partial fits")
+    reduce, reasons = FitReduce.from_bytes(rows[0]["fit"]), Counter()
+    for row in rows[1:]:
+        reduce.merge(FitReduce.from_bytes(row["fit"]))
+    for row in rows:
+        reasons.update(json.loads(row["errors"]))
+    merged = {
+        "fit": reduce.to_bytes(),
+        "rows": sum(row["rows"] for row in rows),
+        "errors": json.dumps(reasons),
+        MEMORY_SPLITS: sum(row[MEMORY_SPLITS] for row in rows),
+    }
+    return pa.Table.from_pylist([merged], PARTIAL)

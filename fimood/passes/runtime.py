@@ -1,5 +1,5 @@
-"""Ray at run time: connecting (or starting a local Ray), keeping its notices quiet, and storage errors
-raised inside Ray tasks reported as the one line they are."""
+"""Ray at run time: connecting (or starting a local Ray), keeping its notices quiet, and the errors raised
+inside Ray tasks that are one line for the user (storage unavailable, a GPU torch cannot use) reported so."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import ray
 
+from fimood.models.base import GpuUnusable
 from fimood.storage import StorageUnavailable
 
 
@@ -19,38 +20,50 @@ def quiet_ray() -> None:
     core's only when fatal (for a Ray started afterwards). Without it a local run shows a warning that
     token authentication is on, and an error-level line for every actor pool ("constructor arguments
     in the object store": a known Ray issue, ray-project/ray#57733) that reads like a failure and is not.
+    Ray Data's own logger only from CRITICAL: it logs a failed task's trace at ERROR, and the error
+    itself still reaches the caller, who reports it (in one line, when it is one of ONE_LINE_ERRORS).
     """
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    for name in ("ray", "ray.data"):  # Ray Data's logger has a level of its own
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # Ray Data's logger has a level of its own
+
+
+ONE_LINE_ERRORS = (StorageUnavailable, GpuUnusable)  # raised in Ray tasks, reported as the one line they are
 
 
 @contextmanager
-def storage_errors_in_one_line() -> Iterator[None]:
-    """A `StorageUnavailable` raised in a Ray task reaches the caller as its one line, not inside Ray's trace."""
+def errors_in_one_line() -> Iterator[None]:
+    """A `StorageUnavailable` or `GpuUnusable` raised in a Ray task or actor reaches the caller as itself,
+    its one line, not inside Ray's trace."""
     try:
         yield
+    except ONE_LINE_ERRORS:
+        raise
     except Exception as error:
-        cause = storage_cause(error)
-        if cause is None:
+        found = one_line_cause(error)
+        if found is None:
             raise
-        raise StorageUnavailable(cause) from None
+        kind, message = found
+        raise kind(message) from None
 
 
-def storage_cause(error: BaseException) -> str | None:
-    """The message of the `StorageUnavailable` behind an error. Ray keeps a task's error as `cause`, but
+def one_line_cause(error: BaseException) -> tuple[type[Exception], str] | None:
+    """The type and message of the one-line error behind an error. Ray keeps a task's error as `cause`, but
     Ray Data's map errors keep only its text, so the message is taken from there when no object is left."""
     text = str(error)
     for _ in range(20):  # causes chain shallowly; the bound only guards against cycles
         inner = getattr(error, "cause", None)
         if isinstance(inner, BaseException):
             error = inner
-        elif isinstance(error, StorageUnavailable):
-            return str(error)
+        elif isinstance(error, ONE_LINE_ERRORS):
+            return type(error), str(error)
         elif (error := error.__cause__ or error.__context__) is None:
             break
-    found = re.search(rf"{StorageUnavailable.__module__}\.{StorageUnavailable.__name__}: (.+)", text)
-    return found.group(1) if found else None
+    for kind in ONE_LINE_ERRORS:
+        found = re.search(rf"{kind.__module__}\.{kind.__name__}: (.+)", text)
+        if found:
+            return kind, found.group(1)
+    return None
 
 
 def start_ray(address: str | None = None) -> None:

@@ -1,35 +1,48 @@
-"""The score pass: every selected input folder's rows through one dataset and one actor pool, staged by
-partition, then each partition committed whole, as one Delta commit, into the score table at the
-output (`fimood.lake.score_table`)."""
+"""The score pass: every selected input folder's rows through one dataset and one actor pool, written by
+Ray's write tasks as data files of the score table at the output, each partition committed whole as
+soon as its last rows are written (`fimood.lake.score_table`).
+
+    read tasks ──► actors: score rows ──► write tasks: data files ──► driver: counts ──commit thread──► Delta log
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import queue
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from fsspec import AbstractFileSystem
-from ray.data import Datasink
-from ray.data.block import BlockAccessor
+import ray
 
 from fimood.lake import schema
-from fimood.lake.delta import ConcurrentWriters
-from fimood.lake.score_table import Committed, Lineage, ScoreTable
+from fimood.lake.score_table import (
+    COMMITTED,
+    SAME_LINEAGE,
+    Committed,
+    DataFile,
+    Lineage,
+    PartitionVersion,
+    ScoreTable,
+)
 from fimood.lake.sources import Partition, list_partitions, plan_reads
-from fimood.lake.staging import Staging
-from fimood.lake.tables import parquet_bytes
 from fimood.method.detector import load_detector
-from fimood.passes.actors import IO_TASKS_PER_ACTOR, ScoreActor, check_strict, feature_rows
+from fimood.passes.actors import IO_TASKS_PER_ACTOR, MEMORY_SPLITS, ScoreActor, check_strict, feature_rows
 from fimood.passes.config import PipelineConfig
-from fimood.passes.runtime import start_ray, storage_errors_in_one_line
+from fimood.passes.runtime import errors_in_one_line, start_ray
 from fimood.progress import count_errors, rate
-from fimood.storage import filesystem, join, overlaps, write_file
+from fimood.storage import overlaps
 
-MIN_ROWS_PER_OUTPUT_FILE = 65_536  # the writer gathers rows up to this many per file, so partitions are not confetti
+logger = logging.getLogger(__name__)
+
+ROWS_PER_OUTPUT_FILE = 4096  # a write task gathers this many rows: files that are not confetti, commits soon
 
 
 @dataclass
@@ -39,11 +52,12 @@ class PartitionResult:
     folder: str
     status: str  # "committed", "skipped" (already committed from the same inputs by the same detector) or "failed"
     rows_in: int = 0  # for a skipped partition: unknown (0); its rows are not read
-    rows: int = 0  # rows in the committed output, read back after the commit
+    rows: int = 0  # rows written for it, as its write tasks counted them
     errors_by_reason: dict[str, int] = field(default_factory=dict)
     reason: str = ""  # why it failed
     unreadable: dict[str, str] = field(default_factory=dict)  # shards left out: path → why they cannot be read
     duplicate_ids: int = 0  # rows whose id an earlier row of the partition has (each is scored; ids are not unique)
+    memory_splits: int = 0  # times one of its batches was halved because the GPU ran out of memory
 
     @property
     def errors(self) -> int:
@@ -92,6 +106,9 @@ class ScoreSummary:
         duplicates = sum(p.duplicate_ids for p in self._with("committed"))
         if duplicates:
             text += f"; {duplicates} rows repeat an id (each scored)"
+        splits = sum(p.memory_splits for p in self.partitions)
+        if splits:
+            text += f"; batches halved {splits} times as the GPU ran out of memory (a smaller --batch-size avoids it)"
         if self.skipped:
             text += f"; {len(self.skipped)} partitions already committed"
         if self.failed:
@@ -117,7 +134,7 @@ class ScoringFailed(RuntimeError):
         self.summary = summary
 
 
-@storage_errors_in_one_line()
+@errors_in_one_line()
 def score(
     detector_url: str,
     data_url: str,
@@ -130,12 +147,13 @@ def score(
 ) -> ScoreSummary:
     """Score the rows of `data_url` into the score table at `out_url`, each input folder its own partition.
 
-    Every selected partition's rows go through one dataset and one actor pool, are staged, and each
-    partition is then committed whole, as one Delta commit replacing its previous version
-    (`fimood.lake.score_table`). `resume` skips a partition whose committed version was made by the
-    same detector from the same input shards (path, size, version); a new, changed or removed shard
-    scores it again. A commit replaces only the version this run planned from: a partition another
-    run committed meanwhile keeps that run's version.
+    Every selected partition's rows go through one dataset and one actor pool; write tasks write them
+    as data files of the table, and each partition is committed as soon as its last rows are written,
+    beside the pass, replacing its previous version (`fimood.lake.score_table`): a run that dies
+    loses only the partitions in flight. `resume` skips a partition whose committed version was made
+    by the same detector from the same input shards (path, size, version); a new, changed or removed
+    shard scores it again. A commit replaces only the version this run planned from: a partition
+    another run committed meanwhile keeps that run's version.
 
     Args:
         partitions: globs of input folders to score (`date=2026-11-*`); empty: every folder.
@@ -151,7 +169,6 @@ def score(
     detector, model = load_detector(detector_url, config.storage_options, config.allowed_imports)
     check_strict(model, config)
     listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
-    fs, out_root = filesystem(out_url, config.storage_options)
     table = ScoreTable(out_url, config.storage_options)
     table.check()
     planned = table.committed()  # each partition's version now: a commit replaces this one, or none
@@ -165,8 +182,19 @@ def score(
     if todo:
         spec = config.read_spec(data_url)
         plan = plan_reads(todo, spec)
-        with Staging(fs, out_root) as staging:
-            sink = StagingDatasink(fs, staging.path)
+        table.create()
+        committer = Committer(table, config.max_error_fraction)
+        for index, partition in enumerate(todo):
+            unreadable = {path: plan.unreadable[path] for path in plan.unreadable_in(partition)}
+            if len(unreadable) == len(partition.shards):
+                reason = "no shard can be read; the previous version is kept"
+                results.append(PartitionResult(partition.folder, "failed", reason=reason, unreadable=unreadable))
+            else:
+                lineage = Lineage(detector.detector_id, _inputs(partition, unreadable), z_scores)
+                committer.expect(
+                    index, partition.folder, lineage, planned.get(partition.folder), plan.rows[index], unreadable
+                )
+        with committer:
             if plan.units:  # none when every selected shard is unreadable
                 start_ray(config.address)
                 scores = feature_rows(
@@ -179,21 +207,17 @@ def score(
                     detector=detector,
                     z_scores=z_scores,
                 )
-                scores.write_datasink(
-                    sink, ray_remote_args={"num_cpus": 0}, concurrency=IO_TASKS_PER_ACTOR * config.num_actors
+                written = scores.map_batches(
+                    write_files,
+                    fn_kwargs={"table": table, "folders": [p.folder for p in todo], "lineages": committer.lineage_ids},
+                    batch_size=ROWS_PER_OUTPUT_FILE,
+                    batch_format="pyarrow",
+                    num_cpus=0,
+                    concurrency=IO_TASKS_PER_ACTOR * config.most_actors,
                 )
-            for index, partition in enumerate(todo):
-                unreadable = {path: plan.unreadable[path] for path in plan.unreadable_in(partition)}
-                if len(unreadable) == len(partition.shards):
-                    reason = "no shard can be read; the previous version is kept"
-                    results.append(PartitionResult(partition.folder, "failed", reason=reason, unreadable=unreadable))
-                    continue
-                lineage = Lineage(detector.detector_id, _inputs(partition, unreadable), z_scores)
-                staged = sink.written.get(index, [])
-                commit = Commit(table, lineage, staging.run, planned.get(partition.folder))
-                result = _commit(partition, commit, staged, plan.rows[index], config.max_error_fraction)
-                result.unreadable = unreadable
-                results.append(result)
+                for files in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    committer.add(files)
+        results.extend(committer.results)
         table.vacuum()
     results.sort(key=lambda result: result.folder)
     summary = ScoreSummary(results, time.perf_counter() - start)
@@ -202,96 +226,184 @@ def score(
     return summary
 
 
-class StagingDatasink(Datasink):
-    """Writes score rows into the staging folder of their partition, `<staging>/partition=<index>/`.
+WRITTEN = pa.schema(
+    [
+        pa.field("partition", pa.int32()),
+        pa.field("path", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("rows", pa.int64()),
+        pa.field("statistics", pa.string()),
+        pa.field("errors", pa.string()),  # JSON: reason → rows
+        pa.field(MEMORY_SPLITS, pa.int64()),  # batches halved because the GPU ran out of memory
+    ]
+)
 
-    A write task gathers at least MIN_ROWS_PER_OUTPUT_FILE rows and writes one file per partition
-    among them, named by the task's index: a retried task overwrites its own files. `written`
-    (partition index → staged file paths) is filled on the driver when the write completes.
+
+def write_files(batch: pa.Table, table: ScoreTable, folders: list[str], lineages: dict[int, str]) -> pa.Table:
+    """A write task: one data file of the table per partition among the batch's score rows; returns what
+    each file holds (rows, errors by reason), so the driver counts rows without reading any."""
+    written = []
+    for index in pc.unique(batch.column("partition")).to_pylist():
+        rows = batch.filter(pc.equal(batch.column("partition"), index))
+        splits = pc.sum(rows.column(MEMORY_SPLITS)).as_py() or 0
+        rows = rows.drop_columns(["partition", MEMORY_SPLITS])
+        file = table.write_data_file(folders[index], rows, lineages[index])
+        errors = json.dumps(_errors_by_reason(rows.column(schema.ERROR)))
+        written.append({"partition": index, **file.__dict__, "errors": errors, MEMORY_SPLITS: splits})
+    return pa.Table.from_pylist(written, schema=WRITTEN)
+
+
+def _errors_by_reason(error: pa.ChunkedArray) -> dict[str, int]:
+    counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
+    return {item["values"].as_py(): item["counts"].as_py() for item in counts}
+
+
+@dataclass
+class _Pending:
+    """A partition of the run, until it is committed: what it was scored from, what its write tasks wrote."""
+
+    folder: str
+    lineage: Lineage
+    planned: Committed | None
+    rows_in: int
+    unreadable: dict[str, str]
+    files: list[DataFile] = field(default_factory=list)
+    rows: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    memory_splits: int = 0
+
+    def problem(self, max_error_fraction: float) -> str:
+        """Why its rows must not be committed ('' when they may be)."""
+        if self.rows != self.rows_in:
+            return f"{self.rows} rows scored from {self.rows_in} rows in; the previous version is kept"
+        if sum(self.reasons.values()) > max_error_fraction * self.rows:
+            errors = count_errors(dict(self.reasons))
+            return f"{errors} in {self.rows} rows, above the max error fraction {max_error_fraction}"
+        return ""
+
+
+class Committer:
+    """Commits each partition of a run as soon as its write tasks have written all its rows, in a thread
+    beside the pass, so the actors never wait on storage: every partition completed since the last
+    commit goes into the next one (one Delta commit, each partition replacing its planned version).
+
+    Rows are counted from what the write tasks return; ids repeated within a partition are counted by
+    a Ray task reading only the new files' ids. Used as a context manager: on leaving, the partitions
+    already complete are committed (even when the pass failed), and those that never completed fail.
     """
 
-    def __init__(self, fs: AbstractFileSystem, staging_path: str):
-        self.fs, self.staging_path = fs, staging_path
-        self.written: dict[int, list[str]] = {}
+    def __init__(self, table: ScoreTable, max_error_fraction: float):
+        self.table, self.max_error_fraction = table, max_error_fraction
+        self.run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.pending: dict[int, _Pending] = {}
+        self.results: list[PartitionResult] = []
+        self._complete: queue.Queue[int | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._done: set[int] = set()
+        self._thread = threading.Thread(target=self._commit_as_they_complete, name="fimood-commit", daemon=True)
 
     @property
-    def min_rows_per_write(self) -> int:
-        return MIN_ROWS_PER_OUTPUT_FILE
+    def lineage_ids(self) -> dict[int, str]:
+        return {index: pending.lineage.lineage_id for index, pending in self.pending.items()}
 
-    def write(self, blocks, ctx) -> list[tuple[int, str]]:
-        table = pa.concat_tables([BlockAccessor.for_block(block).to_arrow() for block in blocks])
-        written = []
-        for index in pc.unique(table.column("partition")).to_pylist():
-            rows = table.filter(pc.equal(table.column("partition"), index)).drop_columns(["partition"])
-            path = join(self.staging_path, f"partition={index}", f"{ctx.task_idx:06d}.parquet")
-            write_file(self.fs, path, parquet_bytes(rows))
-            written.append((index, path))
-        return written
+    def expect(
+        self, index: int, folder: str, lineage: Lineage, planned: Committed | None, rows_in: int, unreadable: dict
+    ) -> None:
+        """A partition of the run: its index in the rows' `partition` column, and its row count from the plan."""
+        self.pending[index] = _Pending(folder, lineage, planned, rows_in, unreadable)
 
-    def on_write_complete(self, write_result) -> None:
-        for returns in write_result.write_returns:
-            for index, path in returns:
-                self.written.setdefault(index, []).append(path)
+    def __enter__(self) -> Committer:
+        self._thread.start()
+        for index, pending in self.pending.items():
+            if pending.rows_in == 0:
+                self._complete.put(index)
+        return self
+
+    def add(self, written: pa.Table) -> None:
+        """What write tasks wrote (`WRITTEN` rows); a partition whose rows are all written is committed next."""
+        if self._error is not None:
+            raise self._error
+        for row in written.to_pylist():
+            pending = self.pending[row["partition"]]
+            pending.files.append(DataFile(row["path"], row["size"], row["rows"], row["statistics"]))
+            pending.rows += row["rows"]
+            pending.reasons.update(json.loads(row["errors"]))
+            pending.memory_splits += row[MEMORY_SPLITS]
+            if pending.rows >= pending.rows_in and pending.rows - row["rows"] < pending.rows_in:
+                self._complete.put(row["partition"])
+
+    def __exit__(self, *exc_info) -> None:
+        self._complete.put(None)
+        self._thread.join()
+        for index in sorted(set(self.pending) - self._done):
+            self._result(self.pending[index], "failed", self.pending[index].problem(self.max_error_fraction))
+        if self._error is not None and exc_info[1] is None:
+            raise self._error
+
+    def _commit_as_they_complete(self) -> None:
+        while True:
+            group = [self._complete.get()]
+            while not self._complete.empty():
+                group.append(self._complete.get())
+            stop = None in group
+            group = [index for index in group if index is not None]
+            if group and self._error is None:
+                try:
+                    self._commit(group)
+                except BaseException as error:  # raised in the driver's thread, by `add` or on leaving
+                    self._error = error
+            if stop:
+                return
+
+    def _commit(self, group: list[int]) -> None:
+        good = []
+        for index in group:
+            pending = self.pending[index]
+            self._done.add(index)
+            problem = pending.problem(self.max_error_fraction)
+            if problem:
+                self._result(pending, "failed", problem)
+            else:
+                good.append(pending)
+        versions = [PartitionVersion(p.folder, p.lineage, p.planned, tuple(p.files)) for p in good]
+        if not versions:
+            return
+        duplicates = ray.get(count_repeated_ids.remote(self.table, [[f.path for f in p.files] for p in good]))
+        outcome = self.table.commit(versions, self.run)
+        for pending, repeated in zip(good, duplicates, strict=True):
+            said = outcome[pending.folder]
+            if said in (COMMITTED, SAME_LINEAGE):
+                self._result(pending, "committed", duplicate_ids=repeated)
+            else:
+                self._result(pending, "failed", said)
+        logger.info("%s: committed %d partitions", self.table.url, sum(o == COMMITTED for o in outcome.values()))
+
+    def _result(self, pending: _Pending, status: str, reason: str = "", duplicate_ids: int = 0) -> None:
+        self.results.append(
+            PartitionResult(
+                pending.folder,
+                status,
+                pending.rows_in,
+                pending.rows,
+                dict(pending.reasons),
+                reason,
+                pending.unreadable,
+                duplicate_ids,
+                pending.memory_splits,
+            )
+        )
+
+
+@ray.remote(num_cpus=0)
+def count_repeated_ids(table: ScoreTable, files_by_partition: list[list[str]]) -> list[int]:
+    """For each partition, how many of its rows repeat an id an earlier row has (only `id` is read)."""
+    repeated = []
+    for paths in files_by_partition:
+        ids = [table.read_file(path, [schema.ID]).column(schema.ID) for path in paths]
+        column = pa.chunked_array([chunk for part in ids for chunk in part.chunks], pa.string())
+        repeated.append(len(column) - pc.count_distinct(column).as_py())
+    return repeated
 
 
 def _inputs(partition: Partition, left_out: dict[str, str] | None = None) -> list[dict]:
     return [shard.as_dict() for shard in partition.shards if shard.path not in (left_out or {})]
-
-
-@dataclass(frozen=True)
-class Commit:
-    """Where a partition's rows go, what they were scored from, by which run, over which version."""
-
-    table: ScoreTable
-    lineage: Lineage
-    run: str
-    planned: Committed | None  # the partition's version when the run planned; only it may be replaced
-
-
-def _commit(
-    partition: Partition, commit: Commit, staged: list[str], rows_in: int, max_error_fraction: float
-) -> PartitionResult:
-    """Commit one partition's staged files as its new version, unless its rows or errors say something went
-    wrong, or another run committed it since this one planned; then count what the table holds for it."""
-    table = commit.table
-    rows, reasons, _ = _count_files(table.fs, staged)
-    errors = sum(reasons.values())
-    result = PartitionResult(partition.folder, "failed", rows_in, rows, reasons)
-    if rows != rows_in:
-        result.reason = f"{rows} rows scored from {rows_in} rows in; the previous version is kept"
-        return result
-    if errors > max_error_fraction * rows:
-        result.reason = f"{count_errors(reasons)} in {rows} rows, above the max error fraction {max_error_fraction}"
-        return result
-    try:
-        table.replace(partition.folder, staged, commit.lineage, commit.run, commit.planned)
-    except ConcurrentWriters as error:
-        result.reason = str(error)
-        return result
-    committed = table.read([partition.folder], columns=[schema.ID, schema.ERROR])
-    result.rows, result.errors_by_reason, result.duplicate_ids = _count(committed)
-    if result.rows != rows_in:
-        result.reason = f"{result.rows} rows committed from {rows_in} rows in"
-        return result
-    result.status = "committed"
-    return result
-
-
-def _count_files(fs, paths: list[str]) -> tuple[int, dict[str, int], int]:
-    """`_count` of these score files (only their `id` and `error` columns are read)."""
-    tables = []
-    for path in paths:
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=[schema.ID, schema.ERROR]))
-    empty = schema.score_schema().empty_table().select([schema.ID, schema.ERROR])
-    return _count(pa.concat_tables(tables) if tables else empty)
-
-
-def _count(table: pa.Table) -> tuple[int, dict[str, int], int]:
-    """Rows in a table of score rows, their errors counted by reason, and how many rows repeat an earlier
-    row's id."""
-    error = table.column(schema.ERROR)
-    counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
-    reasons = {item["values"].as_py(): item["counts"].as_py() for item in counts}
-    distinct = pc.count_distinct(table.column(schema.ID)).as_py()
-    return table.num_rows, reasons, table.num_rows - distinct

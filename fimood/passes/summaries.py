@@ -22,7 +22,7 @@ from fimood.lake.images import decode_cells, shape_of
 from fimood.lake.score_table import ScoreTable
 from fimood.lake.sources import Partition, ReadSpec, plan_reads, read_unit
 from fimood.method.shift import PartitionSummary
-from fimood.passes.runtime import storage_errors_in_one_line
+from fimood.passes.runtime import errors_in_one_line
 from fimood.storage import StorageOptions
 
 TOP_ROWS = 8  # most OOD rows kept per partition, shown as thumbnails when it shifts
@@ -35,7 +35,7 @@ class SummaryWithExamples:
     most_ood: list[tuple[float, str]] = field(default_factory=list)  # (ood_score, id), highest first
 
 
-@storage_errors_in_one_line()
+@errors_in_one_line()
 def summarise_partitions(
     out_url: str,
     folders: list[str],
