@@ -81,13 +81,13 @@ def test_a_commit_cut_by_an_outage_keeps_the_previous_version(store, monkeypatch
     commit_scores(table, ["date=1"], version=1)
     monkeypatch.setenv(RETRY_SECONDS_ENV, "2")
     table = ScoreTable("s3://faults/out", store.options)  # its retry time read anew
-    replace = table.replace
+    commit = table.commit
 
-    def outage_then_replace(*args):
+    def outage_then_commit(*args):
         store.stop()
-        replace(*args)
+        return commit(*args)
 
-    monkeypatch.setattr(table, "replace", outage_then_replace)
+    monkeypatch.setattr(table, "commit", outage_then_commit)
     with pytest.raises(StorageUnavailable, match="did not answer") as error:
         commit_scores(table, ["date=1"], version=2)
     store.start()

@@ -44,7 +44,16 @@ from fimood.lake.delta import (
     unavailable_in_one_line,
 )
 from fimood.lake.tables import parquet_bytes
-from fimood.storage import StorageOptions, StorageUnavailable, filesystem, join, resilient, sha256_hex, write_file
+from fimood.storage import (
+    StorageOptions,
+    StorageUnavailable,
+    filesystem,
+    join,
+    resilient,
+    retrying,
+    sha256_hex,
+    write_file,
+)
 from fimood.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -299,9 +308,14 @@ class ScoreTable:
             return table.to_pyarrow_dataset().to_table(columns=columns, filter=where)
 
     def read_file(self, path: str, columns: list[str]) -> pa.Table:
-        """Columns of one data file (its path relative to the table's root, as `DataFile.path`)."""
-        with self.fs.open(join(self.root, path), "rb") as handle:
-            return pq.read_table(handle, columns=columns)
+        """Columns of one data file (its path relative to the table's root, as `DataFile.path`), read again
+        from the start while the store does not answer (a handle's reads are not the filesystem's calls)."""
+
+        def read() -> pa.Table:
+            with self.fs.open(join(self.root, path), "rb") as handle:
+                return pq.read_table(handle, columns=columns)
+
+        return retrying(read, f"read {path}")
 
     def files(self, folders: list[str], table: DeltaTable) -> dict[str, str]:
         """The data files of these partitions in one version (full paths on the filesystem) → their folder."""
