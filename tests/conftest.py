@@ -85,6 +85,13 @@ def ray_session(tmp_path_factory):
             head.wait(timeout=10)
 
 
+def pixel_gaussian_nll(scale: nn.Conv2d, x: Tensor) -> Tensor:
+    """The NLL per row of a per-pixel Gaussian whose log-scale a conv gives: the test models' likelihood."""
+    log_scale = scale(x)
+    log_prob = -0.5 * (x * torch.exp(-log_scale)) ** 2 - log_scale - 0.5 * math.log(2 * math.pi)
+    return -log_prob.flatten(1).mean(1)
+
+
 def tiny_glow(dtype: torch.dtype = torch.float64, seed: int = 0, image_shape=(1, 8, 8)) -> Glow:
     """A tiny Glow, ActNorm initialised on random data, zero-convs made non-zero (every gradient non-trivial)."""
     torch.manual_seed(seed)

@@ -3,14 +3,13 @@ no memory for halved until it fits, the same features as if it had fitted, and s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-from conftest import read_scores
+from conftest import pixel_gaussian_nll, read_scores
 from torch import Tensor, nn
 
 from fimood import passes
@@ -25,7 +24,7 @@ from fimood.passes.actors import gpus_per_actor
 @dataclass(frozen=True)
 class ShortOfMemoryConfig:
     image_shape: tuple[int, int, int] = (1, 28, 28)
-    max_rows: int = 8  # a batch of more rows than this runs out of "device memory"
+    max_rows: int | None = None  # a batch of more rows than this runs out of "device memory"; None: no limit
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "image_shape", tuple(self.image_shape))
@@ -33,7 +32,8 @@ class ShortOfMemoryConfig:
 
 @register_model
 class ShortOfMemory(ConfiguredModel):
-    """A per-pixel Gaussian on a device with room for `max_rows` rows at once, as torch reports it on a GPU."""
+    """A per-pixel Gaussian on a device with room for `max_rows` rows at once, out of memory as torch reports
+    it on a GPU. Unlimited by default: the tests over every registered model train it as any other."""
 
     model_type = "test-short-of-memory"
     config_class = ShortOfMemoryConfig
@@ -45,16 +45,14 @@ class ShortOfMemory(ConfiguredModel):
         self.scale = nn.Conv2d(1, 1, 3, padding=1)
 
     def nll(self, x: Tensor, seeds: Tensor | None = None) -> Tensor:
-        if len(x) > self.config.max_rows:
+        if self.config.max_rows is not None and len(x) > self.config.max_rows:
             raise torch.OutOfMemoryError(f"CUDA out of memory: tried to allocate {len(x)} rows")
-        log_scale = self.scale(x)
-        log_prob = -0.5 * (x * torch.exp(-log_scale)) ** 2 - log_scale - 0.5 * math.log(2 * math.pi)
-        return -log_prob.flatten(1).mean(1)
+        return pixel_gaussian_nll(self.scale, x)
 
 
 def test_a_batch_the_device_has_no_memory_for_is_halved_until_it_fits():
     torch.manual_seed(0)
-    model = ShortOfMemory()
+    model = ShortOfMemory(ShortOfMemoryConfig(max_rows=8))
     rows = load_source("mnist", limit=32)
     errors = [None] * 32
     halved = featurize_rows(model, rows.ids, rows.images, errors)
@@ -72,7 +70,7 @@ def test_one_row_the_device_has_no_memory_for_is_an_error_row():
 
 def test_the_passes_say_how_often_batches_were_halved(ray_session, tmp_path):
     torch.manual_seed(0)
-    save_model(ShortOfMemory(), str(tmp_path / "model"))
+    save_model(ShortOfMemory(ShortOfMemoryConfig(max_rows=8)), str(tmp_path / "model"))
     fashion = load_source("fashion-mnist", "test", limit=120)
     write_image_parquet(str(tmp_path / "fit"), fashion.ids[:80], fashion.images[:80], rows_per_shard=40)
     write_image_parquet(str(tmp_path / "lake" / "d"), fashion.ids[80:], fashion.images[80:], rows_per_shard=40)

@@ -4,7 +4,6 @@ mid-pass leaves whole partitions, and the rerun scores only the rest."""
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
-from conftest import read_scores
+from conftest import pixel_gaussian_nll, read_scores
 from torch import Tensor, nn
 
 from fimood import passes
@@ -58,9 +57,7 @@ class DiesOnce(ConfiguredModel):
         if marker and os.path.exists(f"{marker}.armed") and not os.path.exists(f"{marker}.died"):
             Path(f"{marker}.died").touch()
             os._exit(1)  # as a killed or crashed worker: no exception, no cleanup
-        log_scale = self.scale(x)
-        log_prob = -0.5 * (x * torch.exp(-log_scale)) ** 2 - log_scale - 0.5 * math.log(2 * math.pi)
-        return -log_prob.flatten(1).mean(1)
+        return pixel_gaussian_nll(self.scale, x)
 
 
 @pytest.fixture(scope="module")

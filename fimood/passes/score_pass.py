@@ -248,14 +248,9 @@ def write_files(batch: pa.Table, table: ScoreTable, folders: list[str], lineages
         splits = pc.sum(rows.column(MEMORY_SPLITS)).as_py() or 0
         rows = rows.drop_columns(["partition", MEMORY_SPLITS])
         file = table.write_data_file(folders[index], rows, lineages[index])
-        errors = json.dumps(_errors_by_reason(rows.column(schema.ERROR)))
+        errors = json.dumps(Counter(error for error in rows.column(schema.ERROR).to_pylist() if error is not None))
         written.append({"partition": index, **file.__dict__, "errors": errors, MEMORY_SPLITS: splits})
     return pa.Table.from_pylist(written, schema=WRITTEN)
-
-
-def _errors_by_reason(error: pa.ChunkedArray) -> dict[str, int]:
-    counts = pc.value_counts(error.drop_null()) if error.null_count < len(error) else []
-    return {item["values"].as_py(): item["counts"].as_py() for item in counts}
 
 
 @dataclass
@@ -336,7 +331,9 @@ class Committer:
         self._complete.put(None)
         self._thread.join()
         for index in sorted(set(self.pending) - self._done):
-            self._result(self.pending[index], "failed", self.pending[index].problem(self.max_error_fraction))
+            pending = self.pending[index]
+            reason = pending.problem(self.max_error_fraction) or "not committed: the run stopped first"
+            self._result(pending, "failed", reason)
         if self._error is not None and exc_info[1] is None:
             raise self._error
 
