@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import http.client
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -27,45 +29,96 @@ class StorageUnavailable(RuntimeError):
     """The object store stayed unreachable past the retry deadline (`FIMOOD_STORAGE_RETRY_SECONDS`)."""
 
 
-def _unreachable_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "the store did not answer", worth another try; any other error is final."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the store did not answer, or cut a stream short", worth another try."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
     try:
         import botocore.exceptions
 
-        errors += [botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError]
+        errors += [
+            botocore.exceptions.ConnectionError,
+            botocore.exceptions.HTTPClientError,
+            botocore.exceptions.ResponseStreamingError,
+        ]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        errors += [aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError]
     except ImportError:
         pass
     return tuple(errors)
 
 
-UNREACHABLE = _unreachable_errors()
+TRANSIENT = _transient_errors()
+
+
+def transient(error: BaseException) -> bool:
+    """True for an error worth another try: the store did not answer, cut a read short, or throttled the
+    request (s3fs turns S3's SlowDown and 503 into `OSError(EBUSY)`); any other error is final."""
+    return isinstance(error, TRANSIENT) or (isinstance(error, OSError) and error.errno == errno.EBUSY)
 
 
 def retry_seconds() -> float:
     return float(os.environ.get(RETRY_SECONDS_ENV, DEFAULT_RETRY_SECONDS))
 
 
-def retrying(action: Callable[[], T], what: str) -> T:
-    """`action()`, tried again with growing waits while the store is unreachable, for a bounded time.
+class Patience:
+    """Growing waits between tries of one action, for at most the retry time; then `StorageUnavailable`.
 
     The store's client retries a few seconds by itself; this rides out an outage of minutes (a
-    restarting endpoint, a network blip) and then stops with one clear `StorageUnavailable`.
+    restarting endpoint, a network blip, a throttled prefix) and then stops with one clear error.
     """
-    seconds = retry_seconds()
-    deadline, wait = time.monotonic() + seconds, 1.0
+
+    def __init__(self, what: str):
+        self.what, self.seconds = what, retry_seconds()
+        self.deadline, self.delay = time.monotonic() + self.seconds, 1.0
+
+    def wait_after(self, error: BaseException) -> None:
+        if time.monotonic() + self.delay > self.deadline:
+            raise StorageUnavailable(
+                f"{self.what}: the storage did not answer for {self.seconds:g} s ({error}); what was committed "
+                f"before is kept: run again when it is back (set {RETRY_SECONDS_ENV} to wait longer)"
+            ) from None
+        logger.warning("%s: the storage did not answer (%s); trying again in %.0f s", self.what, error, self.delay)
+        time.sleep(self.delay)
+        self.delay = min(2 * self.delay, 15.0)
+
+
+def retrying(action: Callable[[], T], what: str) -> T:
+    """`action()`, tried again with growing waits while the store does not answer, for a bounded time."""
+    patience = Patience(what)
     while True:
         try:
             return action()
-        except UNREACHABLE as error:
-            if time.monotonic() + wait > deadline:
-                raise StorageUnavailable(
-                    f"{what}: the storage did not answer for {seconds:g} s ({error}); what was committed "
-                    f"before is kept: run again when it is back (set {RETRY_SECONDS_ENV} to wait longer)"
-                ) from None
-            logger.warning("%s: the storage did not answer (%s); trying again in %.0f s", what, error, wait)
-            time.sleep(wait)
-            wait = min(2 * wait, 15.0)
+        except Exception as error:
+            if not transient(error):
+                raise
+            patience.wait_after(error)
+
+
+def resumable(items_after: Callable[[int], Iterable[T]], size: Callable[[T], int], what: str) -> Iterator[T]:
+    """The items of a stream, read again after the part already yielded when the store cuts it short.
+
+    `items_after(done)` opens the stream past its first `done` units (rows, files); `size(item)` counts
+    an item's units. Each cut waits as `retrying` does; progress since the last cut gives the stream
+    the whole retry time again, so only a store that stays away stops it.
+    """
+    done, patience = 0, Patience(what)
+    while True:
+        resumed_at = done
+        try:
+            for item in items_after(done):
+                done += size(item)
+                yield item
+            return
+        except Exception as error:
+            if not transient(error):
+                raise
+            if done > resumed_at:
+                patience = Patience(what)
+            patience.wait_after(error)
 
 
 class RetryingFileSystem:

@@ -22,6 +22,7 @@ def test_help_lists_every_command_and_each_command_has_its_own_help():
         "data", "train", "fit", "score", "monitor", "evaluate", "study", "monitor-study", "demo", "benchmark",
         "benchmark-pipeline",
         "benchmark-reduce",
+        "benchmark-scale",
     ]  # fmt: skip
     subcommands = build_parser()._subparsers._group_actions[0].choices
     for name, module in COMMANDS.items():

@@ -101,17 +101,28 @@ def test_the_shifted_nights_are_flagged_with_their_layers_and_the_exit_code_says
     assert history["verdict"].to_list() == [found[f"date={night}"]["verdict"] for night in NIGHTS]
 
 
-def test_rerunning_a_night_replaces_its_history_row(monitored):
+def test_a_partition_is_tested_once_per_version_of_its_shards(monitored, capsys):
+    """A rerun tests nothing that is unchanged (the history keeps its rows, the run says so); a partition
+    whose shards changed is scored and tested again, and only its row is replaced."""
     if not Path(monitored["history"]).exists():
         assert monitor(monitored) == 3
-    before = {row["partition"]: row["monitored_at"] for row in read_history(monitored["history"], stream(monitored))}
-    assert monitor(monitored, "--partitions", f"date={SHIFTED[1]}") == 3
-    rows = read_history(monitored["history"], stream(monitored))
-    assert [row["partition"] for row in rows] == [f"date={night}" for night in NIGHTS]
+    before = {row["partition"]: row for row in read_history(monitored["history"], stream(monitored))}
+    capsys.readouterr()
+
+    assert monitor(monitored) == 0
+    assert f"0 partitions: none new; {len(NIGHTS)} unchanged since tested" in capsys.readouterr().out
+    assert read_history(monitored["history"], stream(monitored)) == list(before.values())
+
+    shard = Path(monitored["lake"], f"date={SHIFTED[1]}", "part-00000.parquet")
+    shard.write_bytes(shard.read_bytes())  # rewritten: a new version of the same rows
+    assert monitor(monitored) == 3
+    rows = {row["partition"]: row for row in read_history(monitored["history"], stream(monitored))}
+    assert list(rows) == [f"date={night}" for night in NIGHTS]
+    changed = {name for name in rows if rows[name]["scores_version"] != before[name]["scores_version"]}
+    assert changed == {f"date={SHIFTED[1]}"} and rows[f"date={SHIFTED[1]}"]["verdict"] == "shift"
     table = DeltaTable(monitored["history"]).to_pyarrow_table()
     assert table.num_rows == len(NIGHTS) and set(table.column("stream").to_pylist()) == {stream(monitored)}
     assert set(table.column("detector_id").to_pylist()) == {detector_id(monitored)}
-    assert sum(before[row["partition"]] != row["monitored_at"] for row in rows) <= 1
 
 
 def test_a_report_that_cannot_be_written_leaves_the_verdicts_and_the_history(monitored, tmp_path, monkeypatch, capsys):

@@ -41,3 +41,12 @@ def test_the_benchmark_times_every_engine_beside_the_plain_step_on_the_same_rows
         assert row.slowdown == pytest.approx(by_mode["plain"].images_per_second / row.images_per_second)
     assert by_mode["loop"].slowdown > by_mode["hooks"].slowdown  # a backward pass per row costs more than one per batch
     assert "machine: test machine" in benchmark.format_rows(rows, "test machine")
+
+
+def test_the_scale_benchmark_scores_both_layouts_on_loopback_s3_and_prints_their_ratio(ray_session, capsys):
+    from fimood.cli import main
+
+    assert main(["benchmark-scale", "--rows", "300", "--partitions", "30", "--batch-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "1 partition x 300 rows" in out and "30 partitions x 10 rows" in out
+    assert "per 1,000 partitions" in out and "30 partitions vs 1 partition (medians of rows/s):" in out

@@ -17,6 +17,7 @@ from fimood.cli import (
     benchmark,
     benchmark_pipeline,
     benchmark_reduce,
+    benchmark_scale,
     data,
     demo,
     evaluate,
@@ -45,6 +46,7 @@ COMMANDS: dict[str, ModuleType] = {
     "benchmark": benchmark,
     "benchmark-pipeline": benchmark_pipeline,
     "benchmark-reduce": benchmark_reduce,
+    "benchmark-scale": benchmark_scale,
 }
 # What a user's input can be wrong in: reported as one line, never as a traceback of our code.
 USER_ERRORS = (UsageError, FileNotFoundError, NotADirectoryError, PermissionError, ValueError)

@@ -24,7 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", required=True, help="score tables (written here by the score pass when missing)")
     parser.add_argument("--history", required=True, help="history table folder: one row per partition and stream")
     parser.add_argument("--report", required=True, help="folder for index.html (self-contained) and summary.json")
-    parser.add_argument("--partitions", nargs="+", default=[], metavar="GLOB", help="input folders to monitor")
+    parser.add_argument(
+        "--partitions",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="input folders to monitor (globs, one segment per folder level); each is tested once per version",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--nights-per-false-alarm",

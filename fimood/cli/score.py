@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="GLOB",
-        help="score only these input folders (and those below them), e.g. 'date=2026-11-26' or 'date=2026-11-*'",
+        help="score only these input folders (and those below them), one glob segment per folder level, "
+        "e.g. 'date=2026-11-26', 'date=2026-11-*' or '*/hour=0?'",
     )
     parser.add_argument("--features", action="store_true", help="also write per-layer z-scores")
     add_pipeline_options(parser)

@@ -101,6 +101,11 @@ class Committed:
     detector_id: str
     lineage_id: str
 
+    @property
+    def key(self) -> str:
+        """One string for the version's origin: equal keys, the same rows scored the same way."""
+        return f"{self.detector_id}:{self.lineage_id}"
+
 
 @dataclass(frozen=True)
 class DataFile:

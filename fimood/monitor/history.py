@@ -34,12 +34,13 @@ from fimood.storage import StorageOptions, filesystem, resilient
 from fimood.version import __version__
 
 LEGACY_FOLDERS = ("stream=*", "detector=*")  # fimood 0.2's history, by stream (schema 3) or detector (2)
-SCHEMA_VERSION = 4  # 2: `mean_shift`, `layers_p` of every layer's mean; 3: per stream; 4: a Delta table
+SCHEMA_VERSION = 4  # 2: `mean_shift`, `layers_p` of every layer's mean; 3: per stream; 4: Delta, the version tested
 
 HISTORY_SCHEMA = pa.schema(
     [
         ("partition", pa.string()),
         ("detector_id", pa.string()),
+        ("scores_version", pa.string()),  # the score table's version of the partition that was tested
         ("monitored_at", pa.string()),
         ("verdict", pa.string()),
         ("stream", pa.string()),
@@ -186,6 +187,7 @@ def history_row(
     return {
         "partition": verdict.partition,
         "detector_id": detector_id,
+        "scores_version": verdict.scores_version,
         "monitored_at": now,
         "verdict": verdict.verdict,
         "stream": stream,

@@ -33,6 +33,7 @@ class PartitionVerdict:
     reason: str = ""
     most_ood: list[tuple[float, str]] = field(default_factory=list)
     thumbnails: dict[str, np.ndarray] = field(default_factory=dict)
+    scores_version: str | None = None  # the score version tested (`Committed.key`): the next night skips it
 
 
 @dataclass
@@ -49,6 +50,7 @@ class MonitorResult:
     stream: str = ""
     report_page: str = ""  # the report's index.html, once written
     report_error: str = ""  # why the report could not be written (the verdicts and history were)
+    unchanged: int = 0  # selected partitions tested on an earlier night, unchanged since: not tested again
 
     @property
     def guarantee(self) -> Guarantee | None:
@@ -66,8 +68,10 @@ class MonitorResult:
 
     def __str__(self) -> str:
         counts = {name: sum(v.verdict == name for v in self.verdicts) for name in ("ok", "shift", "could not run")}
-        text = ", ".join(f"{count} {name}" for name, count in counts.items() if count) or "no partitions"
-        lines = [f"monitor: {len(self.verdicts)} partitions: {text} ({self.budget.describe()}; stream {self.stream})"]
+        text = ", ".join(f"{count} {name}" for name, count in counts.items() if count) or "none new"
+        unchanged = f"; {self.unchanged} unchanged since tested" if self.unchanged else ""
+        budget = f"{self.budget.describe()}; stream {self.stream}"
+        lines = [f"monitor: {len(self.verdicts)} partitions: {text}{unchanged} ({budget})"]
         if self.guarantee is not None:
             lines.append(f"  guarantee: {self.guarantee}")
             if self.guarantee.reference_dominates:

@@ -4,6 +4,10 @@ the detector's reference under a false-alarm budget, keep the history, write the
     partitions ──score pass (resume, z-scores)──► score tables ──Ray reduce──► PartitionSummary each
         ──shift tests + budget (the stream's history for the lifetime budget)──► verdicts ──► history, exit code
 
+A night tests only the partitions that are new or changed since the stream last tested them (their
+score version differs from the one its history row names): a partition is tested once per version,
+and a night's cost follows what arrived, not the lake's age.
+
 A *stream* is what the lifetime budget runs over: one monitored dataset with one detector (or a name
 the user gives). Each run of the monitor is one night of its stream, however many partitions it tests.
 """
@@ -16,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from fimood.lake.score_table import ScoreTable
 from fimood.lake.sources import list_partitions
 from fimood.method.detector import DetectorArtifact, training_rows_in_fit
 from fimood.method.shift import (
@@ -103,8 +108,6 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     listed = list_partitions(
         config.data, config.pipeline.input_format, config.pipeline.storage_options, config.partitions
     )
-    if not listed:
-        raise ValueError(f"{config.data}: no partitions to monitor (nothing matches {list(config.partitions)})")
     check_history(config.history, config.pipeline.storage_options)  # a history it cannot write: before any work
 
     stages.start(f"score the partitions without a current score table ({len(listed)} selected)")
@@ -117,7 +120,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
             config.pipeline,
             resume=True,
             z_scores=True,
-            partitions=config.partitions,
+            listed=listed,
         )
         logger.info("monitor: %s", summary)
     except ScoringFailed as failure:
@@ -125,9 +128,11 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
         unreadable = failure.summary.unreadable
         logger.warning("monitor: %s", failure)
 
-    stages.start("summarise each partition (Ray)")
+    stages.start("summarise each new or changed partition (Ray)")
+    history = read_stream(config.history, stream, config.pipeline.storage_options)  # the budget's past nights
+    selected = [p.folder for p in listed if p.folder not in failed]
+    folders = _untested(selected, history.rows, config)
     start_ray(config.pipeline.address)
-    folders = [p.folder for p in listed if p.folder not in failed]
     summaries = summarise_partitions(
         config.scores,
         folders,
@@ -158,13 +163,13 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
                 tests.p_value,
                 guarantee,
                 most_ood=found.most_ood,
+                scores_version=found.scores_version,
             )
         )
     verdicts.sort(key=lambda v: v.partition)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tested = [v for v in verdicts if v.tests is not None]
     tested_names = {v.partition for v in tested}
-    history = read_stream(config.history, stream, config.pipeline.storage_options)  # the budget's past nights
     earlier = [row for row in history.rows if row["partition"] not in tested_names]
     _decide(tested, earlier, config)
     if tested and any(v.guarantee.reference_dominates for v in tested):
@@ -186,6 +191,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
         unreadable=unreadable,
         min_mean_shift=config.min_mean_shift,
         stream=stream,
+        unchanged=len(selected) - len(folders),
     )
 
     stages.start(f"write the report under {config.report}")
@@ -202,6 +208,13 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
         result.report_error = f"{type(error).__name__}: {error}"
         logger.error("monitor: the report could not be written (%s); the verdicts and history are", error)
     return result
+
+
+def _untested(folders: list[str], history: list[dict], config: MonitorConfig) -> list[str]:
+    """The folders whose committed score version is not the one the stream's history tested."""
+    tested = {row["partition"]: row.get("scores_version") for row in history}
+    committed = ScoreTable(config.scores, config.pipeline.storage_options).committed()
+    return [f for f in folders if tested.get(f) is None or tested[f] != getattr(committed.get(f), "key", None)]
 
 
 def _decide(tested: list[PartitionVerdict], earlier: list[dict], config: MonitorConfig) -> None:

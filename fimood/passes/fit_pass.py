@@ -25,7 +25,7 @@ from fimood.method.reduce import FitReduce
 from fimood.models import load_model
 from fimood.passes.actors import IO_TASKS_PER_ACTOR, MEMORY_SPLITS, check_strict, feature_rows
 from fimood.passes.config import PipelineConfig
-from fimood.passes.reading import matrix
+from fimood.passes.reading import footers_in_tasks, matrix
 from fimood.passes.runtime import errors_in_one_line, start_ray
 from fimood.progress import count_errors, rate
 from fimood.storage import absolute_url, overlaps
@@ -73,12 +73,13 @@ def fit(
     check_strict(model, config)
     names = [name for name, _ in trainable_parameters(model)]
     spec = config.read_spec(data_url)
-    plan = plan_reads(list_partitions(data_url, config.input_format, config.storage_options), spec)
+    listed = list_partitions(data_url, config.input_format, config.storage_options)
+    start_ray(config.address)
+    plan = plan_reads(listed, spec, footers_in_tasks)
     if plan.unreadable:
         named = "; ".join(f"{path}: {reason}" for path, reason in sorted(plan.unreadable.items()))
         raise ValueError(f"{len(plan.unreadable)} shards cannot be read, so nothing was fitted: {named}")
     units, rows_in = plan.units, plan.rows
-    start_ray(config.address)
     # rows of the model's training table (or a folder inside it, or one holding it) in its id-hash range were trained on
     training = model.training_data
     reads_training_data = training is not None and overlaps(training["data"], data_url, config.storage_options)

@@ -1,6 +1,7 @@
-"""Reading a lake in Ray Data read tasks: one read task per planned read unit, images decoded there.
+"""Reading a lake in Ray: footers read in tasks, then one Ray Data read task per planned read unit,
+images decoded there a block at a time.
 
-    listing + footers (driver) ──► read units ──read tasks: fetch + decode──► rows (id, pixels, error, partition)
+    listing (driver) ──footer tasks──► read units ──read tasks: fetch + decode──► blocks (id, pixels, error, partition)
 
 Read tasks reserve no CPU: next to the model replicas they are light, and any reservation would
 starve them whenever the actor pool holds every CPU of a node (a CPU-only run with --cpus-per-actor
@@ -15,13 +16,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import ray
 from ray.data import Datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 from ray.data.extensions import ArrowTensorArray
 
 from fimood.lake.images import decode_cells
-from fimood.lake.sources import ReadSpec, ReadUnit, read_unit
+from fimood.lake.sources import Footer, ReadSpec, ReadUnit, read_blocks, read_footers
+
+FOOTERS_PER_TASK = 512  # footers one task reads (in threads): planning a large selection is spread over the cluster
 
 
 class ShardDatasource(Datasource):
@@ -45,7 +49,7 @@ class ShardDatasource(Datasource):
                 BlockMetadata(
                     num_rows=unit.rows,
                     size_bytes=unit.rows * math.prod(self.image_shape),
-                    input_files=list(unit.paths),
+                    input_files=unit.paths,
                     exec_stats=None,
                 ),
                 per_task_row_limit=per_task_row_limit,
@@ -55,16 +59,28 @@ class ShardDatasource(Datasource):
 
 
 def _read_block(unit: ReadUnit, spec: ReadSpec, image_shape: tuple[int, int, int]) -> Iterator[pa.Table]:
-    ids, cells = read_unit(unit, spec)
-    images, errors = decode_cells(cells, image_shape)
-    yield pa.table(
-        {
-            "id": pa.array(ids, pa.string()),
-            "pixels": ArrowTensorArray.from_numpy(images),
-            "error": pa.array(errors, pa.string()),
-            "partition": pa.array(np.full(len(ids), unit.partition, np.int32)),
-        }
-    )
+    for block in read_blocks(unit, spec):
+        images, decoded = decode_cells(block.cells, image_shape)
+        errors = [read or error for read, error in zip(block.errors, decoded, strict=True)]
+        yield pa.table(
+            {
+                "id": pa.array(block.ids, pa.string()),
+                "pixels": ArrowTensorArray.from_numpy(images),
+                "error": pa.array(errors, pa.string()),
+                "partition": pa.array(np.full(len(block.ids), block.partition, np.int32)),
+            }
+        )
+
+
+def footers_in_tasks(paths: list[str], spec: ReadSpec) -> list[Footer | str]:
+    """`read_footers` of many shards, spread over Ray tasks: the driver only gathers what planning needs."""
+    chunks = [paths[start : start + FOOTERS_PER_TASK] for start in range(0, len(paths), FOOTERS_PER_TASK)]
+    return [footer for read in ray.get([_footers.remote(chunk, spec) for chunk in chunks]) for footer in read]
+
+
+@ray.remote(num_cpus=0)
+def _footers(paths: list[str], spec: ReadSpec) -> list[Footer | str]:
+    return read_footers(paths, spec)
 
 
 def matrix(table: pa.Table, name: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
+from ray.data import DataContext
 
 from fimood.models.base import GpuUnusable
 from fimood.storage import StorageUnavailable
@@ -28,7 +29,23 @@ def quiet_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # Ray Data's logger has a level of its own
 
 
-ONE_LINE_ERRORS = (StorageUnavailable, GpuUnusable)  # raised in Ray tasks, reported as the one line they are
+ONE_LINE_ERRORS = (StorageUnavailable, GpuUnusable)
+# Ray Data's own file reads (the monitor's summaries of the score table) retry errors whose message holds
+# one of these, beside Ray's defaults: what s3fs, botocore and aiohttp say for the errors that
+# `fimood.storage.transient` retries (throttling, a store that does not answer, a stream cut short).
+RETRIED_IO_ERRORS = (
+    "reduce your request rate",
+    "SlowDown",
+    "Service Unavailable",
+    "Could not connect to the endpoint URL",
+    "Connection was closed",
+    "Connect timeout",
+    "Read timeout",
+    "IncompleteRead",
+    "Response payload is not completed",
+    "reading from response stream",
+    "Server disconnected",
+)  # raised in Ray tasks, reported as the one line they are
 
 
 @contextmanager
@@ -80,3 +97,5 @@ def start_ray(address: str | None = None) -> None:
             logging_level=level,
             log_to_driver=level < logging.ERROR,
         )
+    context = DataContext.get_current()
+    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_IO_ERRORS]))

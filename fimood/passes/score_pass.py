@@ -36,6 +36,7 @@ from fimood.lake.sources import Partition, list_partitions, plan_reads
 from fimood.method.detector import load_detector
 from fimood.passes.actors import IO_TASKS_PER_ACTOR, MEMORY_SPLITS, ScoreActor, check_strict, feature_rows
 from fimood.passes.config import PipelineConfig
+from fimood.passes.reading import footers_in_tasks
 from fimood.passes.runtime import errors_in_one_line, start_ray
 from fimood.progress import count_errors, rate
 from fimood.storage import overlaps
@@ -144,6 +145,7 @@ def score(
     resume: bool = False,
     z_scores: bool = False,
     partitions: Sequence[str] = (),
+    listed: list[Partition] | None = None,
 ) -> ScoreSummary:
     """Score the rows of `data_url` into the score table at `out_url`, each input folder its own partition.
 
@@ -157,6 +159,7 @@ def score(
 
     Args:
         partitions: globs of input folders to score (`date=2026-11-*`); empty: every folder.
+        listed: those partitions, when the caller listed them already (the monitor lists once).
     Raises:
         ScoringFailed: after committing the others, when a partition's rows out differ from its
             rows in, or its error fraction is above `config.max_error_fraction`, or a shard cannot
@@ -168,7 +171,8 @@ def score(
         raise ValueError(f"the output {out_url} overlaps the input {data_url}; score into a folder outside it")
     detector, model = load_detector(detector_url, config.storage_options, config.allowed_imports)
     check_strict(model, config)
-    listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
+    if listed is None:
+        listed = list_partitions(data_url, config.input_format, config.storage_options, partitions)
     table = ScoreTable(out_url, config.storage_options)
     table.check()
     planned = table.committed()  # each partition's version now: a commit replaces this one, or none
@@ -181,7 +185,8 @@ def score(
             todo.append(partition)
     if todo:
         spec = config.read_spec(data_url)
-        plan = plan_reads(todo, spec)
+        start_ray(config.address)
+        plan = plan_reads(todo, spec, footers_in_tasks)
         table.create()
         committer = Committer(table, config.max_error_fraction)
         for index, partition in enumerate(todo):
@@ -196,7 +201,6 @@ def score(
                 )
         with committer:
             if plan.units:  # none when every selected shard is unreadable
-                start_ray(config.address)
                 scores = feature_rows(
                     plan.units,
                     spec,

@@ -20,7 +20,7 @@ import ray
 from fimood.lake import schema
 from fimood.lake.images import decode_cells, shape_of
 from fimood.lake.score_table import ScoreTable
-from fimood.lake.sources import Partition, ReadSpec, plan_reads, read_unit
+from fimood.lake.sources import Partition, ReadSpec, plan_reads, read_blocks
 from fimood.method.shift import PartitionSummary
 from fimood.passes.runtime import errors_in_one_line
 from fimood.storage import StorageOptions
@@ -33,6 +33,7 @@ COLUMNS = [schema.ID, schema.OOD_SCORE, schema.ERROR, schema.Z_SCORES]
 class SummaryWithExamples:
     summary: PartitionSummary
     most_ood: list[tuple[float, str]] = field(default_factory=list)  # (ood_score, id), highest first
+    scores_version: str | None = None  # the committed version summarised (`Committed.key`)
 
 
 @errors_in_one_line()
@@ -54,7 +55,11 @@ def summarise_partitions(
     partition_of = table.files(folders, version) if version is not None else {}
     fs = getattr(table.fs, "fs", table.fs)  # the fsspec filesystem itself, for pyarrow
     results = {
-        folder: SummaryWithExamples(PartitionSummary.empty(len(calibration_scores), n_layers)) for folder in folders
+        folder: SummaryWithExamples(
+            PartitionSummary.empty(len(calibration_scores), n_layers),
+            scores_version=committed[folder].key if committed.get(folder) else None,
+        )
+        for folder in folders
     }
     if not partition_of:
         return results
@@ -122,13 +127,13 @@ def fetch_images(partition: Partition, spec: ReadSpec, ids: list[str]) -> dict[s
 def _fetch_images(partition: Partition, spec: ReadSpec, ids: list[str]) -> dict[str, np.ndarray]:
     wanted, found = set(ids), {}
     for unit in plan_reads([partition], spec).units:
-        unit_ids, cells = read_unit(unit, spec)
-        keep = [i for i, row_id in enumerate(unit_ids) if row_id in wanted]
-        if keep:
-            images, errors = decode_cells([cells[i] for i in keep], shape_of(cells[keep[0]]))
-            found.update(
-                {unit_ids[i]: image for i, image, error in zip(keep, images, errors, strict=True) if not error}
-            )
-        if len(found) == len(wanted):
-            break
+        for block in read_blocks(unit, spec):
+            keep = [i for i, row_id in enumerate(block.ids) if row_id in wanted and block.cells[i] is not None]
+            if keep:
+                images, errors = decode_cells([block.cells[i] for i in keep], shape_of(block.cells[keep[0]]))
+                found.update(
+                    {block.ids[i]: image for i, image, error in zip(keep, images, errors, strict=True) if not error}
+                )
+            if len(found) == len(wanted):
+                return found
     return found
