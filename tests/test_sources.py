@@ -233,6 +233,7 @@ def test_an_error_that_is_not_the_stores_is_not_retried(tmp_path, faults):
 def test_image_files_are_fetched_a_block_at_a_time_and_one_that_vanished_is_an_error_row(tmp_path, faults):
     for i in range(600):
         (tmp_path / f"{i:04d}.png").write_bytes(encode_png(np.full((1, 2, 2), i % 256, np.uint8)))
+    (tmp_path / "0009.png").rename(tmp_path / "0009[1].png")  # a name that is a glob, read as the name it is
     spec = ReadSpec(str(tmp_path), input_format="images")
     (unit,) = plan_reads(list_partitions(str(tmp_path), "images"), spec).units
     (tmp_path / "0007.png").unlink()

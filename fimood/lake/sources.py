@@ -81,6 +81,7 @@ def list_partitions(
     fs, root = resilient(fs), root.rstrip("/")
     if not fs.exists(root):
         raise FileNotFoundError(f"no such file or folder: {url}")
+    fs.invalidate_cache()  # a long-lived process lists what is there now, not what its filesystem saw before
     if fs.isdir(root):
         folders, found = _selected_folders(fs, root, [pattern.strip("/") for pattern in patterns])
         with ThreadPoolExecutor(LISTING_THREADS) as pool:
@@ -347,12 +348,9 @@ def _image_blocks(fs, paths: list[tuple[int, str]]) -> Iterator[RawBlock]:
         chunk = paths[start : start + ROWS_PER_BLOCK]
         for partition in dict.fromkeys(partition for partition, _ in chunk):
             names = [path for index, path in chunk if index == partition]
-            fetched = fs.cat(names, on_error="return")  # a dict, whatever the number of names
+            fetched = fs.cat_ranges(names, [0] * len(names), [None] * len(names), on_error="return")  # no globbing
             cells, errors = [], []
-            for name in names:
-                value = fetched.get(
-                    name, fetched.get(fs._strip_protocol(name)) if hasattr(fs, "_strip_protocol") else None
-                )
+            for value in fetched:
                 if isinstance(value, BaseException):
                     if transient(value):
                         raise value
