@@ -260,3 +260,22 @@ def test_the_reads_ray_data_makes_itself_retry_the_errors_fimood_retries(ray_ses
     ]
     for error in errors:
         assert transient(error) and any(pattern in str(error) for pattern in patterns), error
+
+
+def test_footers_are_read_in_a_few_ray_tasks_at_a_time_and_come_back_in_order(tmp_path, ray_session, monkeypatch):
+    from fimood.passes import reading
+
+    start_ray()
+    for i in range(7):
+        write_shard(tmp_path / f"part-{i}.parquet", i + 1)
+    paths = [str(tmp_path / f"part-{i}.parquet") for i in range(7)]
+    monkeypatch.setattr(reading, "FOOTERS_PER_TASK", 2)
+    monkeypatch.setattr(reading, "FOOTER_TASKS_IN_FLIGHT", 2)
+    waited = []
+    real_wait = reading.ray.wait
+    monkeypatch.setattr(reading.ray, "wait", lambda refs, **kw: waited.append(len(refs)) or real_wait(refs, **kw))
+
+    footers = reading.footers_in_tasks(paths, ReadSpec(str(tmp_path)))
+
+    assert [sum(footer.group_rows) for footer in footers] == [1, 2, 3, 4, 5, 6, 7]
+    assert max(waited) <= 2

@@ -26,6 +26,7 @@ from fimood.lake.images import decode_cells
 from fimood.lake.sources import Footer, ReadSpec, ReadUnit, read_blocks, read_footers
 
 FOOTERS_PER_TASK = 512  # footers one task reads (in threads): planning a large selection is spread over the cluster
+FOOTER_TASKS_IN_FLIGHT = 8  # at most this many at once, so a large plan neither floods the store nor Ray
 
 
 class ShardDatasource(Datasource):
@@ -73,9 +74,23 @@ def _read_block(unit: ReadUnit, spec: ReadSpec, image_shape: tuple[int, int, int
 
 
 def footers_in_tasks(paths: list[str], spec: ReadSpec) -> list[Footer | str]:
-    """`read_footers` of many shards, spread over Ray tasks: the driver only gathers what planning needs."""
+    """`read_footers` of many shards, spread over Ray tasks (a few in flight): the driver only gathers
+    what planning needs, in the paths' order."""
     chunks = [paths[start : start + FOOTERS_PER_TASK] for start in range(0, len(paths), FOOTERS_PER_TASK)]
-    return [footer for read in ray.get([_footers.remote(chunk, spec) for chunk in chunks]) for footer in read]
+    read: dict[int, list] = {}
+    in_flight: dict[ray.ObjectRef, int] = {}
+
+    def gather_one() -> None:
+        (done,), _ = ray.wait(list(in_flight), num_returns=1)
+        read[in_flight.pop(done)] = ray.get(done)
+
+    for index, chunk in enumerate(chunks):
+        if len(in_flight) == FOOTER_TASKS_IN_FLIGHT:
+            gather_one()
+        in_flight[_footers.remote(chunk, spec)] = index
+    while in_flight:
+        gather_one()
+    return [footer for index in range(len(chunks)) for footer in read[index]]
 
 
 @ray.remote(num_cpus=0)
