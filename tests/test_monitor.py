@@ -76,7 +76,7 @@ def monitor(urls: dict, *extra: str) -> int:
 
 def verdicts(urls: dict) -> dict[str, str]:
     summary = json.loads(Path(urls["report"], "summary.json").read_text())
-    assert summary["schema"] == "fimood-monitor-summary" and summary["schema_version"] == 3
+    assert summary["schema"] == "fimood-monitor-summary" and summary["schema_version"] == 4
     return {entry["partition"]: entry for entry in summary["partitions"]}
 
 
@@ -102,15 +102,20 @@ def test_the_shifted_nights_are_flagged_with_their_layers_and_the_exit_code_says
 
 
 def test_a_partition_is_tested_once_per_version_of_its_shards(monitored, capsys):
-    """A rerun tests nothing that is unchanged (the history keeps its rows, the run says so); a partition
-    whose shards changed is scored and tested again, and only its row is replaced."""
+    """A rerun tests nothing that is unchanged (the history keeps its rows, the run says so) and keeps the
+    alarms it raised (exit 3, each shifted partition named); a partition whose shards changed is scored and
+    tested again, and only its row is replaced."""
     if not Path(monitored["history"]).exists():
         assert monitor(monitored) == 3
     before = {row["partition"]: row for row in read_history(monitored["history"], stream(monitored))}
     capsys.readouterr()
 
-    assert monitor(monitored) == 0
-    assert f"0 partitions: none new; {len(NIGHTS)} unchanged since tested" in capsys.readouterr().out
+    assert monitor(monitored) == 3
+    out = capsys.readouterr().out
+    assert f"0 partitions: none new; {len(NIGHTS)} unchanged since tested" in out
+    assert [line.split()[2].rstrip(":") for line in out.splitlines() if "STILL SHIFT" in line] == [
+        f"date={night}" for night in SHIFTED
+    ]
     assert read_history(monitored["history"], stream(monitored)) == list(before.values())
 
     shard = Path(monitored["lake"], f"date={SHIFTED[1]}", "part-00000.parquet")

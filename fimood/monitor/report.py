@@ -19,7 +19,8 @@ from fimood.monitor.result import REFERENCE_DOMINATES, MonitorResult
 from fimood.plotting import png_bytes, pyplot
 from fimood.storage import join, write_bytes
 
-SUMMARY_SCHEMA_VERSION = 3  # 2: `mean_shift`, `min_mean_shift`; 3: `stream`, `guarantee`, per-partition `guarantee`
+SUMMARY_SCHEMA_VERSION = 4  # 2: `mean_shift`, `min_mean_shift`; 3: `stream`, `guarantee`, per-partition `guarantee`;
+# 4: `still_shifted`
 MAX_HEATMAP_LAYERS = 30
 
 
@@ -67,13 +68,17 @@ def summary_document(result: MonitorResult) -> dict:
         "min_mean_shift": result.min_mean_shift,
         "exit_code": result.exit_code,
         "partitions": partitions,
+        "still_shifted": [
+            {"partition": row["partition"], "monitored_at": row["monitored_at"]} for row in result.still_shifted
+        ],
         "unreadable_shards": [{"path": path, "reason": why} for path, why in sorted(result.unreadable.items())],
     }
 
 
 def html_page(result: MonitorResult) -> str:
     shifts = [v for v in result.verdicts if v.verdict == "shift"]
-    head = f"{len(shifts)} of {len(result.verdicts)} partitions shifted" if shifts else "no shift"
+    head = f"{len(result.shifted)} of {len(result.verdicts) + result.unchanged} partitions shifted"
+    head = head if result.shifted else "no shift"
     sections = [
         f"<h1>fimood monitor: {html.escape(head)}</h1>",
         f"<p>Detector <code>{result.detector_id}</code>; {html.escape(result.budget.describe())}; a shift also "
@@ -83,6 +88,11 @@ def html_page(result: MonitorResult) -> str:
         _guarantee_paragraph(result),
         "<h2>Verdicts</h2>",
         _verdict_table(result),
+        *[
+            f"<p class='shift'>Still shifted: <code>{html.escape(row['partition'])}</code>, found shifted "
+            f"{html.escape(row['monitored_at'])} and unchanged since</p>"
+            for row in result.still_shifted
+        ],
         *[
             f"<p class='fail'>Unreadable shard, left out: <code>{html.escape(path)}</code>: {html.escape(why)}</p>"
             for path, why in sorted(result.unreadable.items())

@@ -51,6 +51,14 @@ class MonitorResult:
     report_page: str = ""  # the report's index.html, once written
     report_error: str = ""  # why the report could not be written (the verdicts and history were)
     unchanged: int = 0  # selected partitions tested on an earlier night, unchanged since: not tested again
+    still_shifted: list[dict] = field(default_factory=list)  # history rows of unchanged partitions found shifted
+
+    @property
+    def shifted(self) -> list[str]:
+        """The selected partitions shifted: tonight's, and those found shifted earlier and unchanged since
+        (a rerun does not clear an alarm; a new version of the partition's shards does)."""
+        tonight = [v.partition for v in self.verdicts if v.verdict == "shift"]
+        return sorted(tonight + [row["partition"] for row in self.still_shifted])
 
     @property
     def guarantee(self) -> Guarantee | None:
@@ -60,7 +68,7 @@ class MonitorResult:
 
     @property
     def exit_code(self) -> int:
-        if any(v.verdict == "shift" for v in self.verdicts):
+        if self.shifted:
             return EXIT_SHIFT
         if self.unreadable or any(v.verdict == "could not run" for v in self.verdicts):
             return EXIT_COULD_NOT_RUN
@@ -86,6 +94,10 @@ class MonitorResult:
                 )
             elif verdict.verdict == "could not run":
                 lines.append(f"  COULD NOT RUN {verdict.partition}: {verdict.reason}")
+        lines += [
+            f"  STILL SHIFT {row['partition']}: found shifted {row['monitored_at']}, unchanged since"
+            for row in self.still_shifted
+        ]
         lines += [f"  UNREADABLE shard, left out: {path}: {why}" for path, why in sorted(self.unreadable.items())]
         return "\n".join(lines)
 

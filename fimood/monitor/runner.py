@@ -132,6 +132,7 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
     history = read_stream(config.history, stream, config.pipeline.storage_options)  # the budget's past nights
     selected = [p.folder for p in listed if p.folder not in failed]
     folders = _untested(selected, history.rows, config)
+    unchanged = set(selected) - set(folders)
     start_ray(config.pipeline.address)
     summaries = summarise_partitions(
         config.scores,
@@ -191,7 +192,8 @@ def run_monitor(config: MonitorConfig) -> MonitorResult:
         unreadable=unreadable,
         min_mean_shift=config.min_mean_shift,
         stream=stream,
-        unchanged=len(selected) - len(folders),
+        unchanged=len(unchanged),
+        still_shifted=[row for row in earlier if row["partition"] in unchanged and row["verdict"] == "shift"],
     )
 
     stages.start(f"write the report under {config.report}")
