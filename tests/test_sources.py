@@ -117,14 +117,29 @@ def test_a_glob_lists_only_the_folders_it_names(tmp_path, faults):
 
 
 def test_a_glob_matches_one_folder_level_per_segment_and_selects_what_lies_below(tmp_path, faults):
-    for folder in ("a/hour=1", "a/deeper/hour=1", "b/hour=1/minute=5", "b/hour=2"):
+    for folder in ("a/hour=1", "a/deeper/hour=1", "b/hour=1/minute=5", "b/hour=2", ".staging/hour=1"):
         write_shard(tmp_path / folder / "part-0.parquet", 1)
 
     assert [p.folder for p in list_partitions(str(tmp_path), patterns=["*/hour=1"])] == [
         "a/hour=1",
         "b/hour=1/minute=5",
     ]
+    assert not any(".staging" in path for _, path in faults.listed)  # a hidden folder is never walked
     assert len(list_partitions(str(tmp_path))) == 4
+    for wrong in ("../elsewhere", "a//hour=1", "./a"):
+        with pytest.raises(ValueError, match="a segment is empty, '.' or '..'"):
+            list_partitions(str(tmp_path), patterns=[wrong])
+
+
+def test_a_shard_that_vanished_after_the_listing_is_left_out_as_unreadable(tmp_path):
+    for name in ("part-0", "part-1"):
+        write_shard(tmp_path / "date=1" / f"{name}.parquet", 3, first=int(name[-1]) * 3)
+    listed = list_partitions(str(tmp_path))
+    (tmp_path / "date=1" / "part-1.parquet").unlink()
+
+    plan = plan_reads(listed, ReadSpec(str(tmp_path)))
+
+    assert plan.rows == [3] and list(plan.unreadable.values()) == ["vanished since it was listed"]
 
 
 def test_small_files_are_coalesced_into_read_units_bounded_in_rows(tmp_path, monkeypatch):

@@ -77,6 +77,9 @@ def list_partitions(
             Names starting with `_` or `.` are never read.
     """
     check_format(input_format)
+    for pattern in filter(None, (pattern.strip("/") for pattern in patterns)):
+        if any(segment in ("", ".", "..") for segment in pattern.split("/")):
+            raise ValueError(f"--partitions {pattern!r}: a segment is empty, '.' or '..'; name folders below the URL")
     fs, root = filesystem(url, storage_options)
     fs, root = resilient(fs), root.rstrip("/")
     if not fs.exists(root):
@@ -124,16 +127,24 @@ def _selected_folders(fs, root: str, patterns: list[str]) -> tuple[list[str], di
                 if not glob.has_magic(segment):
                     level = [f"{folder}/{segment}" for folder in level]
                     continue
-                listings = pool.map(lambda folder: fs.ls(folder, detail=True) if fs.isdir(folder) else [], level)
                 level = [
                     info["name"].rstrip("/")
-                    for listing in listings
+                    for listing in pool.map(lambda folder: _folders_in(fs, folder), level)
                     for info in listing
-                    if info["type"] == "directory"
-                    and fnmatch.fnmatchcase(info["name"].rstrip("/").rsplit("/", 1)[-1], segment)
+                    if fnmatch.fnmatchcase(info["name"].rstrip("/").rsplit("/", 1)[-1], segment)
                 ]
             matched.update(level)
     return sorted(matched), files
+
+
+def _folders_in(fs, folder: str) -> list[dict]:
+    """The folders directly in `folder` that may hold shards (none when it does not exist; never hidden ones)."""
+    try:
+        listing = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return []
+    names = [(info, info["name"].rstrip("/").rsplit("/", 1)[-1]) for info in listing if info["type"] == "directory"]
+    return [info for info, name in names if not name.startswith((".", "_"))]
 
 
 def list_shards(url: str, input_format: str = "parquet", storage_options: StorageOptions = None) -> list[Shard]:
@@ -238,8 +249,10 @@ def _footer(fs, path: str) -> Footer | str:
     try:
         with fs.open(path, "rb", block_size=FOOTER_BYTES, cache_type="readahead") as handle:
             metadata = pq.ParquetFile(handle).metadata
+    except FileNotFoundError:
+        return "vanished since it was listed"
     except (pa.ArrowInvalid, OSError) as error:
-        if isinstance(error, FileNotFoundError | PermissionError) or transient(error):
+        if isinstance(error, PermissionError) or transient(error):
             raise
         return "not a readable Parquet file (" + str(error).split(".")[0].strip() + ")"
     groups = [metadata.row_group(group) for group in range(metadata.num_row_groups)]
