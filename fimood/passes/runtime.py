@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,7 +30,8 @@ def quiet_ray() -> None:
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # Ray Data's logger has a level of its own
 
 
-ONE_LINE_ERRORS = (StorageUnavailable, GpuUnusable)
+ONE_LINE_ERRORS = (StorageUnavailable, GpuUnusable)  # raised in Ray tasks, reported as the one line they are
+
 # Ray Data's own file reads (the monitor's summaries of the score table) retry errors whose message holds
 # one of these, beside Ray's defaults: what s3fs, botocore and aiohttp say for the errors that
 # `fimood.storage.transient` retries (throttling, a store that does not answer, a stream cut short).
@@ -45,7 +47,7 @@ RETRIED_IO_ERRORS = (
     "Response payload is not completed",
     "reading from response stream",
     "Server disconnected",
-)  # raised in Ray tasks, reported as the one line they are
+)  # plain text, so a valid regex as well: Ray's warning about substring matching does not apply to them
 
 
 @contextmanager
@@ -98,4 +100,6 @@ def start_ray(address: str | None = None) -> None:
             log_to_driver=level < logging.ERROR,
         )
     context = DataContext.get_current()
-    context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_IO_ERRORS]))
+    with warnings.catch_warnings():  # Ray warns of any value but its default; these patterns are valid regexes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.retried_io_errors = list(dict.fromkeys([*context.retried_io_errors, *RETRIED_IO_ERRORS]))
