@@ -127,7 +127,7 @@ def test_a_glob_matches_one_folder_level_per_segment_and_selects_what_lies_below
     assert not any(".staging" in path for _, path in faults.listed)  # a hidden folder is never walked
     assert len(list_partitions(str(tmp_path))) == 4
     for wrong in ("../elsewhere", "a//hour=1", "./a"):
-        with pytest.raises(ValueError, match="a segment is empty, '.' or '..'"):
+        with pytest.raises(ValueError, match="a segment is empty"):
             list_partitions(str(tmp_path), patterns=[wrong])
 
 
